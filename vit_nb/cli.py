@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['parse_args', 'train', 'accuracy', 'main']
 
-# %% ../nbs/90_cli.ipynb #cef07466
+# %% ../nbs/90_cli.ipynb #ff0f1ecd
 import argparse, os, sys, time
 from pathlib import Path
 import torch
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .data import get_data, DATASETS
 from .model import ViT, PRESETS, vit_config
 
-# %% ../nbs/90_cli.ipynb #4bd3a37c
+# %% ../nbs/90_cli.ipynb #7b318925
 def parse_args(argv=None):
     "Parse `vit_nb_train`'s command line."
     p = argparse.ArgumentParser(prog='vit_nb_train', description='Train a Vision Transformer (default: on the bundled 8x8 digits).',
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument('--out', default='runs/digits', help='output folder for the checkpoint and results')
     return p.parse_args(argv)
 
-# %% ../nbs/90_cli.ipynb #016eb183
+# %% ../nbs/90_cli.ipynb #3d74e837
 def train(args):
     "Train with the plain loop; returns a dict of results."
     if args.epochs <= 0: raise ValueError(f"epochs must be a positive integer, got {args.epochs}")
@@ -62,7 +62,7 @@ def accuracy(model, loader):
     for xb, yb in loader: correct += (model(xb).argmax(1) == yb).sum(); n += len(yb)
     return (correct / n).item()
 
-# %% ../nbs/90_cli.ipynb #7dc20bee
+# %% ../nbs/90_cli.ipynb #48cd4ea0
 def main(argv=None):
     "Entry point of the `vit_nb_train` console script."
     args = parse_args(argv)

@@ -7,14 +7,14 @@ __all__ = ['VIT_DIGITS', 'VIT_MNIST', 'VIT_CIFAR', 'VIT_TINY', 'VIT_SMALL', 'VIT
            'PatchEmbed', 'math_attention', 'fused_attention', 'Attention', 'MLP', 'DropPath', 'Block',
            'init_vit_weights', 'ViT', 'n_params', 'preset_params', 'attention_maps', 'cls_attention']
 
-# %% ../nbs/02_model.ipynb #a43a90d1
+# %% ../nbs/02_model.ipynb #442cef60
 from dataclasses import dataclass, asdict, replace
 import math
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-# %% ../nbs/02_model.ipynb #01fa0a83
+# %% ../nbs/02_model.ipynb #d6606df4
 @dataclass
 class ViTConfig:
     "Shape and regularisation of a Vision Transformer."
@@ -53,7 +53,7 @@ class ViTConfig:
 
     def to_dict(self): return asdict(self)
 
-# %% ../nbs/02_model.ipynb #ab4f3a5f
+# %% ../nbs/02_model.ipynb #3dcf24e4
 VIT_DIGITS = ViTConfig(img_size=8,  patch_size=2, in_chans=1, n_classes=10, dim=64,  depth=4, n_heads=4, mlp_ratio=2.)
 VIT_MNIST  = ViTConfig(img_size=28, patch_size=4, in_chans=1, n_classes=10, dim=64,  depth=6, n_heads=4, mlp_ratio=2.)
 VIT_CIFAR  = ViTConfig(img_size=32, patch_size=4, in_chans=3, n_classes=10, dim=128, depth=6, n_heads=4, mlp_ratio=2.)
@@ -71,7 +71,7 @@ def vit_config(preset:str='digits', # a name in `PRESETS`
     if bad: raise ValueError(f"unknown ViTConfig field(s) {sorted(bad)}; known fields: {', '.join(ViTConfig.__dataclass_fields__)}")
     return replace(PRESETS[preset], **overrides)
 
-# %% ../nbs/02_model.ipynb #66bc1e1f
+# %% ../nbs/02_model.ipynb #86669298
 class PatchEmbed(nn.Module):
     "Cut an image into square patches and embed each one as a `dim`-wide token."
     def __init__(self, img_size:int, patch_size:int, in_chans:int, dim:int):
@@ -83,7 +83,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x):                      # (B, C, H, W)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
-# %% ../nbs/02_model.ipynb #011afde5
+# %% ../nbs/02_model.ipynb #abf61509
 def math_attention(q, k, v, dropout_p:float=0.0):
     "Scaled dot-product attention written out: softmax(q k^T / sqrt(d)) v."
     attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
@@ -111,7 +111,7 @@ class Attention(nn.Module):
         x = self.attend(q, k, v, self.attn_dropout if self.training else 0.)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))
 
-# %% ../nbs/02_model.ipynb #564b8d20
+# %% ../nbs/02_model.ipynb #6dbea555
 class MLP(nn.Module):
     "The feed-forward sub-layer: Linear, GELU, Linear."
     def __init__(self, dim:int, hidden:int, dropout:float=0.):
@@ -145,7 +145,7 @@ class Block(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 
-# %% ../nbs/02_model.ipynb #ca7037e0
+# %% ../nbs/02_model.ipynb #0465068b
 def init_vit_weights(model:nn.Module, std:float=0.02, cls_std:float=1e-6):
     "timm-style initialisation of a `ViT` in place."
     for m in model.modules():
@@ -156,7 +156,7 @@ def init_vit_weights(model:nn.Module, std:float=0.02, cls_std:float=1e-6):
     nn.init.normal_(model.cls_token, std=cls_std)
     return model
 
-# %% ../nbs/02_model.ipynb #6d7d867b
+# %% ../nbs/02_model.ipynb #67824df1
 class ViT(nn.Module):
     "Vision Transformer (Dosovitskiy et al., 2020) for image classification."
     def __init__(self, cfg:ViTConfig=VIT_DIGITS, # shape of the model; see `PRESETS`
@@ -195,7 +195,7 @@ class ViT(nn.Module):
 
     def forward(self, x): return self.forward_head(self.forward_features(x))
 
-# %% ../nbs/02_model.ipynb #8f824543
+# %% ../nbs/02_model.ipynb #9a072d5a
 def n_params(model:nn.Module, trainable:bool=True):
     "Number of (trainable) parameters of `model`."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
@@ -204,7 +204,7 @@ def preset_params(preset:str):
     "Parameter count of a preset, computed without allocating its weights."
     with torch.device('meta'): return n_params(ViT(vit_config(preset)))
 
-# %% ../nbs/02_model.ipynb #b2564ff7
+# %% ../nbs/02_model.ipynb #c7ef0ce2
 @torch.no_grad()
 def attention_maps(model:ViT, x:torch.Tensor):
     "Attention weights of every block for input `x`: a list of `depth` tensors of shape (B, H, N+1, N+1)."
