@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['PRECISIONS', 'DTYPES', 'AMP_DEVICES', 'NONFINITE', 'parse_precision', 'NonFiniteError', 'BackpropManager']
 
-# %% ../nbs/05_backprop.ipynb #b3caf605
+# %% ../nbs/05_backprop.ipynb #6cc91c00
 import contextlib
 import torch
 
-# %% ../nbs/05_backprop.ipynb #05f5e3aa
+# %% ../nbs/05_backprop.ipynb #8c325a2c
 PRECISIONS = {'32': '32', '32-true': '32', 'bf16': 'bf16', 'bf16-mixed': 'bf16', '16': '16', '16-mixed': '16'}
 DTYPES = {'32': torch.float32, 'bf16': torch.bfloat16, '16': torch.float16}
 AMP_DEVICES = ('cpu', 'cuda')
@@ -32,13 +32,13 @@ def parse_precision(precision='32', # one of `PRECISIONS` (also the ints 32 and 
         raise ValueError(f"precision {precision!r}: this GPU does not support bfloat16; use '16'")
     return p
 
-# %% ../nbs/05_backprop.ipynb #022e4c96
+# %% ../nbs/05_backprop.ipynb #4438229c
 NONFINITE = ('raise', 'skip', 'ignore')
 
 class NonFiniteError(FloatingPointError, RuntimeError):
     "A loss or gradient was NaN or infinite at an optimizer step."
 
-# %% ../nbs/05_backprop.ipynb #64ee8400
+# %% ../nbs/05_backprop.ipynb #a74e9ec3
 class _ScalerView:
     "What `GradScaler` needs from an optimizer: the torch optimizer's `param_groups`, and a `step` through its manager."
     def __init__(self, opt, torch_opt): self.opt, self.torch_opt = opt, torch_opt
@@ -52,7 +52,7 @@ def _positive(name, v):
         raise ValueError(f"{name} must be a positive number or None, got {v!r}")
     return float(v)
 
-# %% ../nbs/05_backprop.ipynb #60565f5f
+# %% ../nbs/05_backprop.ipynb #0907c7db
 class BackpropManager:
     "Backward passes, gradient accumulation, clipping, mixed precision and non-finite checks around an optimizer."
     def __init__(self, opt,                 # an `OptimizerManager` or a torch optimizer: has `step()` and `zero_grad()`
