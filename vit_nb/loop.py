@@ -6,13 +6,13 @@
 __all__ = ['EVENTS', 'SCHEMA_VERSION', 'CKPT_FORMAT', 'CancelBatchException', 'CancelStepException', 'CancelEpochException',
            'CancelFitException', 'Callback', 'History', 'set_seed', 'get_rng_state', 'set_rng_state', 'CheckpointError',
            'atomic_save', 'read_checkpoint', 'TrainConfig', 'Recorder', 'ProgressCallback', 'CSVLogger',
-           'TensorBoardLogger', 'CheckpointCallback', 'TrainingLoop']
+           'TensorBoardLogger', 'CheckpointCallback', 'TrainingLoop', 'per_sample_losses']
 
-# %% ../nbs/06_loop.ipynb #3dfcb764
+# %% ../nbs/06_loop.ipynb #2807cbaa
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
-import itertools, math, os, pickle, random, re, shutil, sys, tempfile, time, warnings
+import copy, itertools, math, os, pickle, random, re, shutil, sys, tempfile, time, warnings
 import numpy as np
 import torch
 from torch import nn
@@ -20,10 +20,11 @@ from fastcore.basics import patch
 from fastcore.imports import IN_NOTEBOOK
 from . import __version__
 from .data import DataBundle, get_data
-from .model import ViT, vit_config
-from .loss import LossCalculator
+from .model import ViT, ViTConfig, vit_config
+from .loss import LossCalculator, LOSSES
 from .optimizer import OptimizerManager
 from .backprop import BackpropManager, NonFiniteError
+from .metrics import EvalResult, compute_metrics, save_eval
 
 # %% ../nbs/06_loop.ipynb #e01a6a62
 EVENTS = ['before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step',
@@ -812,3 +813,56 @@ def plot_history(self:TrainingLoop, path=None, # save the figure as a PNG here
     if path is not None: fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig
+
+# %% ../nbs/06_loop.ipynb #456afd9d
+def per_sample_losses(loss_calc, preds, targets):
+    "The loss of each sample of `preds` against `targets` (shape (N,)), whatever the reduction of `loss_calc`."
+    if isinstance(loss_calc, LossCalculator) and loss_calc.fn is None and 'reduction' in loss_calc.opts:
+        lc = copy.copy(loss_calc); lc.opts = {**loss_calc.opts, 'reduction': 'none'}
+        return lc(preds, targets)
+    return torch.stack([loss_calc(p[None], t[None]) for p, t in zip(preds, targets)])
+
+@patch
+def get_preds(self:TrainingLoop, loader=None, # a loader of (xb, yb) (default: `data.test`)
+              with_loss:bool=True):           # also return the per-sample losses
+    "Logits, targets and per-sample losses (or None) of `loader`, on the CPU."
+    preds, targets = self.predict(loader)
+    return preds, targets, (per_sample_losses(self.loss_calc, preds, targets) if with_loss else None)
+
+@patch
+def evaluate(self:TrainingLoop, loader=None, # a loader of (xb, yb) (default: `data.test`)
+             class_names=None,               # names of the classes (default: `data.class_names`)
+             topk=(1, 5),                    # top-k accuracies to report
+             out_dir=None,                   # write metrics.json, report.txt, per_class.csv and confusion.png here
+             prefix:str='test_')->EvalResult: # prefix of those file names
+    "Metrics, confusion matrix and classification report of the model on `loader`."
+    preds, targets, losses = self.get_preds(loader)
+    res = compute_metrics(preds, targets, class_names if class_names is not None else self.data.class_names,
+                          losses=losses, topk=topk)
+    if out_dir is not None: save_eval(res, out_dir, prefix)
+    return res
+
+@patch(cls_method=True)
+def evaluate_model(cls:TrainingLoop, checkpoint, # a checkpoint written by a `TrainingLoop`
+                   data:DataBundle=None,         # the data to evaluate on (default: rebuilt from the checkpoint's config)
+                   device=None,                  # default: CUDA when available, else the CPU
+                   out_dir=None,                 # write the report files and the confusion matrix here
+                   verbose:bool=True)->EvalResult: # print the report
+    "Rebuild the model stored in `checkpoint`, evaluate it on the test split of `data`, print and return the results."
+    ck = read_checkpoint(checkpoint)
+    if not isinstance(ck.get('model_config'), dict):
+        raise CheckpointError(f"{checkpoint} stores no model config, so its model cannot be rebuilt; build the model and "
+                              "call loop.load_checkpoint(path, weights_only=True)")
+    mcfg, cfg = ViTConfig(**ck['model_config']), ck.get('config') or {}
+    if data is None: data = get_data(cfg.get('data', 'digits'), bs=cfg.get('bs', 128), seed=cfg.get('seed', 0), augment=False)
+    if mcfg.n_classes != data.n_classes:
+        raise CheckpointError(f"{checkpoint} holds a model for n_classes={mcfg.n_classes}, but the data {data.name!r} has "
+                              f"{data.n_classes} classes")
+    if data.test is None: raise ValueError(f"the data {data.name!r} has no test split (data.test is None)")
+    loss = cfg.get('loss', 'cross_entropy')
+    loop = cls(ViT(mcfg), data, loss=loss if loss in LOSSES else 'cross_entropy', label_smoothing=cfg.get('label_smoothing', 0.),
+               device=device, progress=False, verbose=False)
+    loop.load_checkpoint(checkpoint, weights_only=True)
+    res = loop.evaluate(out_dir=out_dir)
+    if verbose: print(res.summary())
+    return res
