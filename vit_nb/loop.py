@@ -814,7 +814,7 @@ def plot_history(self:TrainingLoop, path=None, # save the figure as a PNG here
     plt.close(fig)
     return fig
 
-# %% ../nbs/06_loop.ipynb #456afd9d
+# %% ../nbs/06_loop.ipynb #4b19931a
 def per_sample_losses(loss_calc, preds, targets):
     "The loss of each sample of `preds` against `targets` (shape (N,)), whatever the reduction of `loss_calc`."
     if isinstance(loss_calc, LossCalculator) and loss_calc.fn is None and 'reduction' in loss_calc.opts:
@@ -843,12 +843,11 @@ def evaluate(self:TrainingLoop, loader=None, # a loader of (xb, yb) (default: `d
     return res
 
 @patch(cls_method=True)
-def evaluate_model(cls:TrainingLoop, checkpoint, # a checkpoint written by a `TrainingLoop`
-                   data:DataBundle=None,         # the data to evaluate on (default: rebuilt from the checkpoint's config)
-                   device=None,                  # default: CUDA when available, else the CPU
-                   out_dir=None,                 # write the report files and the confusion matrix here
-                   verbose:bool=True)->EvalResult: # print the report
-    "Rebuild the model stored in `checkpoint`, evaluate it on the test split of `data`, print and return the results."
+def from_checkpoint(cls:TrainingLoop, checkpoint, # a checkpoint written by a `TrainingLoop`
+                    data:DataBundle=None,         # the data (default: rebuilt from the checkpoint's config, same split)
+                    device=None,                  # default: CUDA when available, else the CPU
+                    **kwargs):                    # more `TrainingLoop` arguments
+    "An evaluation loop (no optimizer) with the model stored in `checkpoint`, rebuilt from its config."
     ck = read_checkpoint(checkpoint)
     if not isinstance(ck.get('model_config'), dict):
         raise CheckpointError(f"{checkpoint} stores no model config, so its model cannot be rebuilt; build the model and "
@@ -858,11 +857,23 @@ def evaluate_model(cls:TrainingLoop, checkpoint, # a checkpoint written by a `Tr
     if mcfg.n_classes != data.n_classes:
         raise CheckpointError(f"{checkpoint} holds a model for n_classes={mcfg.n_classes}, but the data {data.name!r} has "
                               f"{data.n_classes} classes")
-    if data.test is None: raise ValueError(f"the data {data.name!r} has no test split (data.test is None)")
     loss = cfg.get('loss', 'cross_entropy')
-    loop = cls(ViT(mcfg), data, loss=loss if loss in LOSSES else 'cross_entropy', label_smoothing=cfg.get('label_smoothing', 0.),
-               device=device, progress=False, verbose=False)
+    kw = dict(loss=loss if loss in LOSSES else 'cross_entropy', label_smoothing=cfg.get('label_smoothing', 0.),
+              device=device, progress=False, verbose=False)
+    loop = cls(ViT(mcfg), data, **{**kw, **kwargs})
     loop.load_checkpoint(checkpoint, weights_only=True)
+    loop.history.load_state_dict(ck['history'])
+    return loop
+
+@patch(cls_method=True)
+def evaluate_model(cls:TrainingLoop, checkpoint, # a checkpoint written by a `TrainingLoop`
+                   data:DataBundle=None,         # the data to evaluate on (default: rebuilt from the checkpoint's config)
+                   device=None,                  # default: CUDA when available, else the CPU
+                   out_dir=None,                 # write the report files and the confusion matrix here
+                   verbose:bool=True)->EvalResult: # print the report
+    "Rebuild the model stored in `checkpoint`, evaluate it on the test split of `data`, print and return the results."
+    loop = cls.from_checkpoint(checkpoint, data, device)
+    if loop.data.test is None: raise ValueError(f"the data {loop.data.name!r} has no test split (data.test is None)")
     res = loop.evaluate(out_dir=out_dir)
     if verbose: print(res.summary())
     return res
