@@ -143,10 +143,10 @@ class EarlyStoppingCallback(TrackerCallback):
         super().load_state_dict(sd)
         self.wait, self.stopped_epoch, self.best_state = sd['wait'], sd['stopped_epoch'], sd['best_state']
 
-# %% ../nbs/07_callbacks.ipynb #d096dff0
+# %% ../nbs/07_callbacks.ipynb #78804b12
 class SaveBestCallback(TrackerCallback):
     "Save the model (atomically) whenever `monitor` reaches a new best."
-    order = 70
+    order, main_only = 70, True  # in a multi-process run only rank 0 writes the file
     def __init__(self, monitor:str='valid_loss', # key of `loop.epoch_metrics` to follow
                  fname:str='best.pt',              # file name, relative to `loop.out_dir` (or the working directory)
                  mode:str='auto',                  # 'min', 'max' or 'auto' (from the name)
@@ -360,7 +360,7 @@ class CutMixCallback(MixUpCutMixCallback):
                  **kwargs):              # `prob`, `label_smoothing`, `seed` of `MixUpCutMixCallback`
         super().__init__(mixup_alpha=0., cutmix_alpha=alpha, **kwargs)
 
-# %% ../nbs/07_callbacks.ipynb #879e0c22
+# %% ../nbs/07_callbacks.ipynb #135e14de
 def _ipython():
     try: from IPython import get_ipython
     except ImportError: return None
@@ -383,7 +383,7 @@ def _number(v):
 
 class LivePlotCallback(Callback):
     "Plot the training curves after every epoch; live in Jupyter, harmless in a terminal."
-    order = 80
+    order, main_only = 80, True  # in a multi-process run only rank 0 draws
     skip = ('epoch', 'step', 'lr', 'imgs_per_s', 'time')  # epoch metrics that are not curves
     def __init__(self, show:bool=None,       # display and update the figure (None: inside Jupyter; True: under any IPython)
                  fname:str=None,              # save the final figure as this PNG in `loop.out_dir` (or the working directory)

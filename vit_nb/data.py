@@ -8,7 +8,7 @@ __all__ = ['DATASETS', 'FASHION_MNIST_ROOT', 'FASHION_CLASSES', 'IMG_EXTS', 'che
            'read_idx', 'write_idx', 'default_root', 'load_digits_tensors', 'load_idx_set', 'scan_folder', 'load_image',
            'ImageFileDataset', 'make_synthetic', 'DataBundle', 'get_data', 'show_batch']
 
-# %% ../nbs/01_data.ipynb #8b8a5ce8
+# %% ../nbs/01_data.ipynb #8fe23f1d
 from dataclasses import dataclass, field
 from pathlib import Path
 import copy, gzip, math, os
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision.transforms import v2
 import matplotlib.pyplot as plt
 
-# %% ../nbs/01_data.ipynb #5b8a51d3
+# %% ../nbs/01_data.ipynb #16dd5e5f
 def check_pcts(valid_pct:float, test_pct:float=0.):
     "Raise a `ValueError` naming the bad value unless both fractions are in [0, 1) and leave room for training."
     for k,v in (('valid_pct',valid_pct), ('test_pct',test_pct)):
@@ -48,7 +48,7 @@ def split_idx(y, # labels of the whole data set (1-d array or tensor)
     train,valid = _split(rest, n_valid, f'valid_pct={valid_pct}')
     return np.sort(train),np.sort(valid),np.sort(test)
 
-# %% ../nbs/01_data.ipynb #19e3b88d
+# %% ../nbs/01_data.ipynb #534f73e4
 def epoch_order(n:int, # number of items
                 shuffle:bool=True, # random order (else 0..n-1)
                 seed:int=0, # base seed; the epoch's order uses `seed + epoch`
@@ -65,7 +65,7 @@ def epoch_order(n:int, # number of items
         idx = idx[rank:total:world_size]
     return idx
 
-# %% ../nbs/01_data.ipynb #b6bcce29
+# %% ../nbs/01_data.ipynb #22553f00
 def crop_batch(x, # images (B, C, H, W)
                pad:int, # pixels of padding on each side
                oy, ox, # per-sample top-left corner of the crop in the padded image, ints in [0, 2*pad], shape (B,)
@@ -93,7 +93,7 @@ def affine_batch(x, # images (B, C, H, W)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode=padding_mode, align_corners=False)
 
-# %% ../nbs/01_data.ipynb #6b2324be
+# %% ../nbs/01_data.ipynb #29666a6d
 class BatchAug:
     "Random per-sample shift (pad + crop), horizontal flip and small affine, applied to a whole batch at once."
     def __init__(self, pad:int=1, # maximum shift in pixels (0: no shift)
@@ -131,7 +131,7 @@ class BatchAug:
         return (f"BatchAug(pad={self.pad}, flip={self.flip}, degrees={self.degrees}, scale={self.scale}, "
                 f"translate={self.translate}, padding_mode={self.padding_mode!r})")
 
-# %% ../nbs/01_data.ipynb #5604d676
+# %% ../nbs/01_data.ipynb #13695fe8
 def _check_bs(bs):
     if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
         raise ValueError(f"bs must be a positive integer, got bs={bs!r}")
@@ -197,7 +197,7 @@ class TensorLoader:
         return (f"TensorLoader(n={self.n}, bs={self.bs}, batches={len(self)}, shuffle={self.shuffle}, "
                 f"rank={self.rank}/{self.world_size}, tfm={self.tfm})")
 
-# %% ../nbs/01_data.ipynb #f163d31f
+# %% ../nbs/01_data.ipynb #ffe82f66
 class EpochSampler(Sampler):
     "A sampler visiting `epoch_order(n, shuffle, seed, epoch, rank, world_size)`, from item `start` on."
     def __init__(self, n:int, shuffle:bool=True, seed:int=0, rank:int=0, world_size:int=1):
@@ -241,7 +241,7 @@ class TransformDataset(Dataset):
         x = self.x[i]
         return (x if self.tfm is None else self.tfm(x)), self.y[i]
 
-# %% ../nbs/01_data.ipynb #4641af59
+# %% ../nbs/01_data.ipynb #ab5873a4
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
                0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
 
@@ -269,7 +269,7 @@ def write_idx(path, a:np.ndarray, compress:bool=None):
     if compress if compress is not None else path.suffix == '.gz': data = gzip.compress(data)
     path.write_bytes(data)
 
-# %% ../nbs/01_data.ipynb #e6ef0dfa
+# %% ../nbs/01_data.ipynb #08af44cf
 DATASETS = ('digits', 'fashion_mnist', 'mnist', 'torchvision_fashion_mnist', 'cifar10', 'imagefolder', 'synthetic')
 FASHION_MNIST_ROOT = Path('/usr/share/datasets/fashion-mnist')
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
@@ -286,7 +286,7 @@ def load_digits_tensors():
     x = torch.tensor(d.images, dtype=torch.float32)[:,None] / 16.
     return x, torch.tensor(d.target), [str(c) for c in d.target_names]
 
-# %% ../nbs/01_data.ipynb #c55e9365
+# %% ../nbs/01_data.ipynb #96c2ac49
 def _find_idx(root:Path, stem:str, name:str):
     for p in (root/stem, root/f'{stem}.gz'):
         if p.exists(): return p
@@ -309,7 +309,7 @@ def load_idx_set(root, name:str='fashion_mnist'):
         out += [torch.from_numpy(x.copy())[:,None].float().div_(255), torch.from_numpy(y.astype(np.int64))]
     return tuple(out)
 
-# %% ../nbs/01_data.ipynb #ddb221b5
+# %% ../nbs/01_data.ipynb #494c219e
 def _tv_dataset(name:str, root, download:bool, train:bool, transform=None):
     from torchvision import datasets as tvd
     cls,sub = {'mnist': (tvd.MNIST, 'MNIST/raw'), 'torchvision_fashion_mnist': (tvd.FashionMNIST, 'FashionMNIST/raw'),
@@ -320,7 +320,7 @@ def _tv_dataset(name:str, root, download:bool, train:bool, transform=None):
         raise FileNotFoundError(f"{name}: not found in {root/sub} ({e}). Pass download=True to fetch it into {root}, "
                                 f"or root= a folder that holds {sub}") from None
 
-# %% ../nbs/01_data.ipynb #6e994aec
+# %% ../nbs/01_data.ipynb #c7fd1a31
 def scan_folder(root):
     "The `(paths, labels, class_names)` of a folder with one sub-folder of images per class."
     root = Path(root)
@@ -352,7 +352,7 @@ class ImageFileDataset(Dataset):
         x = load_image(self.paths[i], self.img_size, self.in_chans)
         return (x if self.tfm is None else self.tfm(x)), self.labels[i]
 
-# %% ../nbs/01_data.ipynb #5965c077
+# %% ../nbs/01_data.ipynb #14e24633
 def make_synthetic(n:int=512, # number of images
                    img_size:int=8, # side of the square images
                    n_classes:int=4, # number of classes (balanced)
@@ -371,7 +371,7 @@ def make_synthetic(n:int=512, # number of images
     x = pats[y] + noise * 0.25 * torch.randn(n, in_chans, img_size, img_size, generator=g)
     return x, y, [f'class{i}' for i in range(n_classes)]
 
-# %% ../nbs/01_data.ipynb #376081ce
+# %% ../nbs/01_data.ipynb #d4f7b772
 @dataclass
 class DataBundle:
     "Train/valid/test loaders and what a model and a loss need to know about the data."
@@ -393,7 +393,7 @@ class DataBundle:
         m,s = torch.tensor(self.mean, device=x.device), torch.tensor(self.std, device=x.device)
         return x * s[:,None,None] + m[:,None,None]
 
-# %% ../nbs/01_data.ipynb #34e60a8c
+# %% ../nbs/01_data.ipynb #19646b6b
 _NATIVE = {'digits': (8, 1, 10), 'fashion_mnist': (28, 1, 10), 'mnist': (28, 1, 10),
            'torchvision_fashion_mnist': (28, 1, 10), 'cifar10': (32, 3, 10)}
 
@@ -492,8 +492,16 @@ def get_data(name:str='digits', # one of `DATASETS`
     return _torch_bundle(name, lambda t: ImageFileDataset(paths, y, img_size, in_chans, t), y, splits, classes,
                          img_size, in_chans, mean, std, [], aug, num_workers=num_workers, **kw)
 
+def _check_fits(name, bs, n, world_size):
+    "A training batch larger than the (per-rank) training set is a mistake: every batch would silently be the whole set."
+    per_rank = math.ceil(n / world_size)
+    if bs > per_rank:
+        raise ValueError(f"bs={bs} is larger than the training set of {name} ({n} items" +
+                         (f", {per_rank} per rank of {world_size}" if world_size > 1 else '') + f"); use bs <= {per_rank}")
+
 def _tensor_bundle(name, x, y, splits, classes, bs, valid_bs, seed, tfm, drop_last, rank, world_size, test=None):
     "Normalise in-memory images with the training set's statistics and serve them with `TensorLoader`s."
+    _check_fits(name, bs, len(splits[0]), world_size)
     tr,va,te = (torch.as_tensor(s, dtype=torch.long) if s is not None else None for s in splits)
     xtr,ytr = x[tr],y[tr]
     mean,std = _stats(xtr)
@@ -517,6 +525,7 @@ def _torch_bundle(name, make_ds, y, splits, classes, img_size, in_chans, mean, s
                   tfm, drop_last, rank, world_size, num_workers=0, test_ds=None):
     "Serve a data set read item by item with `EpochLoader`s and torchvision v2 transforms."
     tr,va,te = splits
+    _check_fits(name, bs, len(tr), world_size)
     norm = v2.Normalize(list(mean), list(std))
     if tfm == 'default': extra = aug + [norm]
     elif tfm is None: extra = [norm]
@@ -531,7 +540,7 @@ def _torch_bundle(name, make_ds, y, splits, classes, img_size, in_chans, mean, s
     return DataBundle(name, train, valid, test, img_size, in_chans, len(classes), list(classes), mean, std,
                       torch.as_tensor(y)[torch.as_tensor(tr)].clone(), dict(train=len(tr), valid=len(va), test=len(tst)))
 
-# %% ../nbs/01_data.ipynb #a6ed0f5d
+# %% ../nbs/01_data.ipynb #1ab432f1
 def show_batch(src, # a `DataBundle` or a loader yielding (xb, yb)
                n:int=16, # number of images
                split:str='train', # which loader of a `DataBundle` to draw from

@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['EVENTS', 'SCHEMA_VERSION', 'CKPT_FORMAT', 'CancelBatchException', 'CancelStepException', 'CancelEpochException',
            'CancelFitException', 'Callback', 'History', 'set_seed', 'get_rng_state', 'set_rng_state', 'CheckpointError',
-           'atomic_save', 'read_checkpoint', 'TrainConfig', 'Recorder', 'ProgressCallback', 'CSVLogger',
-           'TensorBoardLogger', 'CheckpointCallback', 'TrainingLoop', 'per_sample_losses']
+           'atomic_save', 'read_checkpoint', 'Recorder', 'ProgressCallback', 'CSVLogger', 'TensorBoardLogger',
+           'snapshot', 'CheckpointCallback', 'pick_attention', 'auto_precision', 'set_threads', 'TrainingLoop',
+           'per_sample_losses']
 
-# %% ../nbs/06_loop.ipynb #2807cbaa
+# %% ../nbs/06_loop.ipynb #a0896d80
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
-import copy, itertools, math, os, pickle, random, re, shutil, sys, tempfile, time, warnings
+import copy, dataclasses, itertools, math, os, pickle, random, re, shutil, sys, tempfile, threading, time, warnings, zipfile
 import numpy as np
 import torch
 from torch import nn
@@ -20,11 +20,14 @@ from fastcore.basics import patch
 from fastcore.imports import IN_NOTEBOOK
 from . import __version__
 from .data import DataBundle, get_data
-from .model import ViT, ViTConfig, vit_config
+from .model import ViT, ViTConfig, vit_config, Attention, fused_attention, math_attention
 from .loss import LossCalculator, LOSSES
 from .optimizer import OptimizerManager
-from .backprop import BackpropManager, NonFiniteError
+from .backprop import BackpropManager, NonFiniteError, parse_precision
 from .metrics import EvalResult, compute_metrics, save_eval
+from .config import TrainConfig
+from .distributed import (init_distributed, is_distributed, is_main, all_gather_object, all_reduce_mean, broadcast, wrap_ddp,
+                                grad_sync, shard_loader, unwrap)
 
 # %% ../nbs/06_loop.ipynb #e01a6a62
 EVENTS = ['before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step',
@@ -39,7 +42,7 @@ class CancelEpochException(Exception):
 class CancelFitException(Exception):
     "Stop the fit now; `after_fit` still runs."
 
-# %% ../nbs/06_loop.ipynb #87b19e4f
+# %% ../nbs/06_loop.ipynb #428f13df
 def _snake(name:str):
     "'SaveModelCallback' -> 'save_model'."
     name = re.sub(r'Callback$', '', name) or name
@@ -48,6 +51,7 @@ def _snake(name:str):
 class Callback:
     "Base class of the loop's callbacks: define a method per event, taking the loop: `def after_batch(self, loop)`."
     order:int = 0  # callbacks run in increasing `order`
+    main_only:bool = False  # in a multi-process run, only rank 0 runs it (callbacks that print or write files)
     @property
     def name(self): return _snake(type(self).__name__)
     def __repr__(self): return f"{type(self).__name__}(order={self.order})"
@@ -105,7 +109,7 @@ def set_rng_state(sd:dict):
     torch.set_rng_state(sd['torch'])
     if 'cuda' in sd and torch.cuda.is_available(): torch.cuda.set_rng_state_all(sd['cuda'])
 
-# %% ../nbs/06_loop.ipynb #052c3d68
+# %% ../nbs/06_loop.ipynb #85f07290
 SCHEMA_VERSION = 1                 # version of the checkpoint layout this release writes and reads
 CKPT_FORMAT = 'vit_nb.checkpoint'  # the `format` entry that marks a file as a vit_nb checkpoint
 
@@ -119,31 +123,67 @@ def _fsync_dir(folder):
         finally: os.close(fd)
     except OSError: pass  # not supported everywhere (e.g. Windows)
 
+class _Writer:
+    "A file's `write` that remembers the `OSError` it raised (torch's writer turns it into an opaque `RuntimeError`)."
+    def __init__(self, f): self.f, self.error = f, None
+    def write(self, b):
+        try: return self.f.write(b)
+        except OSError as e: self.error = e; raise
+    def flush(self): self.f.flush()
+
+def _os_error(e:OSError, msg:str)->OSError:
+    "An `OSError` of the same errno (so the same subclass, e.g. `PermissionError`) with message `msg`."
+    return OSError(e.errno, msg) if e.errno else OSError(msg)
+
 def atomic_save(obj, path):
     "`torch.save(obj, path)` through a temporary file in the same folder, fsync'ed, then `os.replace`d."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    path, tmp, w = Path(path), None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            w = _Writer(f)
+            torch.save(obj, w); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            try: os.remove(tmp)
+            except OSError: pass
+        err = e if isinstance(e, OSError) else getattr(w, 'error', None)
+        if err is None: raise
+        raise _os_error(err, f"cannot write {path}: {err.strerror or err}") from e
     _fsync_dir(path.parent)
     return path
 
-def read_checkpoint(path)->dict:
+def _damage(path:Path)->str:
+    "What is wrong with the file at `path` as a zip archive (empty, truncated, a member failing its CRC), or ''."
+    size = path.stat().st_size
+    if size == 0: return "the file is empty (0 bytes)"
+    if not zipfile.is_zipfile(path): return f"the file is truncated or corrupt (not a complete zip archive; {size} bytes)"
+    try:
+        with zipfile.ZipFile(path) as z: bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e: return f"the file is truncated or corrupt ({e})"
+    return f"the file is corrupt (its member {bad} fails its CRC check)" if bad else ''
+
+def read_checkpoint(path,             # a checkpoint file written by `TrainingLoop.save_checkpoint`
+                    verify:bool=True  # check every member of the archive against its CRC (reads the file twice)
+                   )->dict:
     "Load a vit_nb checkpoint safely (`weights_only=True`) and check that this release can use it."
     path = Path(path)
+    if path.is_dir(): raise FileNotFoundError(f"{path} is a folder, not a checkpoint file (e.g. {path/'last.pt'})")
     if not path.is_file(): raise FileNotFoundError(f"no checkpoint file at {path}")
     try: ck = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds pickled Python objects that a safe load refuses: it is not a vit_nb "
-                              f"checkpoint ({str(e).splitlines()[0]})") from None
+        why = zipfile.is_zipfile(path) and _damage(path)
+        if why: raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
+        detail = next((l.strip() for l in str(e).splitlines() if 'GLOBAL' in l or 'Unsupported' in l), str(e).splitlines()[0] if str(e) else '')
+        raise CheckpointError(f"{path} holds pickled Python objects that a safe load (weights_only=True) refuses, so none "
+                              f"of it ran: it is not a vit_nb checkpoint ({detail})") from None
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        why = _damage(path) or f"the file is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
+    why = verify and zipfile.is_zipfile(path) and _damage(path)
+    if why: raise CheckpointError(f"cannot read checkpoint {path}: {why}")
     if not isinstance(ck, dict) or ck.get('format') != CKPT_FORMAT:
         keys = sorted(map(str, ck))[:8] if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(f"{path} is not a vit_nb checkpoint (no format={CKPT_FORMAT!r}; found {keys}); "
@@ -154,55 +194,7 @@ def read_checkpoint(path)->dict:
                               f"schema version {SCHEMA_VERSION}; written by vit_nb {ck.get('versions', {}).get('vit_nb')}")
     return ck
 
-# %% ../nbs/06_loop.ipynb #8735817f
-@dataclass
-class TrainConfig:
-    "A training run as plain values: what `TrainingLoop.from_config` builds and checkpoints store."
-    data:str='digits'           # data set name, one of `vit_nb.data.DATASETS`
-    bs:int=128                  # training batch size
-    seed:int=0                  # seed of the split, the data order, the initial weights and the augmentation
-    preset:str='digits'         # model preset in `vit_nb.model.PRESETS`; img_size, in_chans and n_classes come from the data
-    model:dict=field(default_factory=lambda: dict(dropout=0.1))  # `ViTConfig` fields to change in the preset
-    augment:bool=False          # the data set's default augmentation (on 8x8 digits its 1-pixel shifts cost more epochs than they gain)
-    lr:float=4e-3               # peak learning rate
-    wd:float=0.05               # weight decay (not applied to biases, norms, tokens)
-    opt:str='adamw'             # optimizer name in `vit_nb.optimizer.OPTIMIZERS`
-    sched:str='cosine'          # schedule name in `vit_nb.optimizer.SCHEDULERS` (or None: constant)
-    warmup_pct:float=0.1        # fraction of the optimizer steps spent warming up linearly
-    epochs:int=100              # passes over the training set
-    precision:str='32'          # '32', 'bf16' or '16' (see `vit_nb.backprop.PRECISIONS`)
-    clip_norm:float=None        # clip the total gradient norm to this (None: no clipping)
-    accum_steps:int=1           # batches per optimizer step
-    loss:str='cross_entropy'    # loss name in `vit_nb.loss.LOSSES`
-    label_smoothing:float=0.    # label smoothing of the loss
-    out_dir:str=None            # folder for the CSV log, TensorBoard files and checkpoints (None: nothing written)
-    ckpt_every_steps:int=None   # also checkpoint every this many optimizer steps (checkpoints are saved every epoch)
-    keep_last:int=3             # how many checkpoints to keep (besides `last.pt`)
-    device:str=None             # 'cpu', 'cuda', ... (None: CUDA when available)
-    log_every:int=50            # batches between read-backs of the running metrics
-
-    def __post_init__(self):
-        for k in ('bs', 'epochs', 'accum_steps', 'keep_last', 'log_every'):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"TrainConfig.{k} must be a positive integer, got {v!r}")
-        if self.ckpt_every_steps is not None and (not isinstance(self.ckpt_every_steps, int) or self.ckpt_every_steps < 1):
-            raise ValueError(f"TrainConfig.ckpt_every_steps must be a positive integer or None, got {self.ckpt_every_steps!r}")
-        for k in ('lr', 'wd', 'warmup_pct', 'label_smoothing'):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == 'lr' and v == 0):
-                raise ValueError(f"TrainConfig.{k} must be a {'positive' if k == 'lr' else 'non-negative'} number, got {v!r}")
-        if self.out_dir is not None: self.out_dir = str(self.out_dir)
-        if not isinstance(self.model, dict): raise TypeError(f"TrainConfig.model must be a dict of ViTConfig fields, got {self.model!r}")
-
-    def to_dict(self): return asdict(self)
-    @classmethod
-    def from_dict(cls, d:dict):
-        "A `TrainConfig` from a dict, naming unknown keys."
-        bad = set(d) - {f.name for f in fields(cls)}
-        if bad: raise ValueError(f"unknown TrainConfig field(s) {sorted(bad)}; known: {', '.join(f.name for f in fields(cls))}")
-        return cls(**d)
-
-# %% ../nbs/06_loop.ipynb #25fce63b
+# %% ../nbs/06_loop.ipynb #2f6f13e4
 def _to_host(rows, keys, device):
     "Replace the tensor values at `keys` of the dicts `rows` by floats, with one read-back from the device."
     ts = [(r, k) for r in rows for k in keys if isinstance(r.get(k), torch.Tensor)]
@@ -219,24 +211,31 @@ class Recorder(Callback):
 
     def before_epoch(self, loop):
         r, self._restored = self._restored, None
-        self._sum = torch.zeros((), device=loop.device) if r is None else r['loss_sum'].to(loop.device)
-        self._n, self._elapsed = (0, 0.) if r is None else (r['n'], r['elapsed'])
+        self._sum, self._n, self._elapsed = (0., 0, 0.) if r is None else (float(r['loss_sum']), r['n'], r['elapsed'])
+        self._nb = loop.n_batches
         self._t0, self._t_train, self._done = time.perf_counter(), None, False
+
+    def before_fit(self, loop): self._skipped = loop.backprop.n_skipped
 
     def before_batch(self, loop): self._lr = max(loop.lrs)
 
     def after_batch(self, loop):
         if loop.loss is not None:
-            loss = loop.loss.detach().float()
-            self._sum += loss * len(loop.yb); self._n += len(loop.yb)
-            self._pending.append(dict(epoch=loop.epoch, batch=loop.batch_idx, iter=loop.epoch * loop.n_batches + loop.batch_idx,
+            loss = loop.loss.detach()
+            if loop.dist.world_size > 1: loss = all_reduce_mean(loss.float().clone())  # the mean over the ranks' shards, on every rank
+            skipped, self._skipped = loop.backprop.n_skipped > self._skipped, loop.backprop.n_skipped  # plain ints: no sync
+            self._pending.append(dict(epoch=loop.epoch, batch=loop.batch_idx, iter=loop.epoch * self._nb + loop.batch_idx,
                                       step=loop.step, lr=self._lr, loss=loss,
-                                      grad_norm=loop.backprop.grad_norm if loop.stepped else None))
-        if len(self._pending) >= self.log_every or loop.batch_idx == loop.n_batches - 1: self.flush(loop)
+                                      grad_norm=loop.backprop.grad_norm if loop.stepped else None,
+                                      n=0 if skipped else len(loop.yb)))  # a skipped NaN stays out of train_loss
+        if len(self._pending) >= self.log_every or loop.batch_idx == self._nb - 1: self.flush(loop)
 
     def flush(self, loop):
-        "Read the pending batch records back from the device into `loop.history.steps`."
+        "Read the pending batch records back from the device into `loop.history.steps`, and add them to the epoch's sums."
         rows, self._pending = _to_host(self._pending, ('loss', 'grad_norm'), loop.device), []
+        for r in rows:
+            n = r.pop('n', 0)
+            if n: self._sum += r['loss'] * n; self._n += n
         loop.history.steps += [{k: v for k, v in r.items() if v is not None} for r in rows]
         if loop.nonfinite is None:
             bad = next((r for r in rows if not math.isfinite(r['loss'])), None)
@@ -253,25 +252,25 @@ class Recorder(Callback):
         now = time.perf_counter()
         train_time = self._elapsed + (self._t_train or now) - self._t0
         loop.epoch_metrics = dict(epoch=loop.epoch, step=loop.step,
-                                  train_loss=(self._sum / max(self._n, 1)).item() if self._n else float('nan'),
+                                  train_loss=self._sum / self._n if self._n else float('nan'),
                                   **loop.epoch_metrics, lr=max(loop.lrs),
-                                  imgs_per_s=self._n / train_time if train_time > 0 else float('nan'),
+                                  imgs_per_s=self._n * loop.dist.world_size / train_time if train_time > 0 else float('nan'),
                                   time=self._elapsed + now - self._t0)
+        if loop.nonfinite == 'skip': loop.epoch_metrics['n_skipped'] = loop.backprop.n_skipped
         loop.history.epochs.append(loop.epoch_metrics)
         self._done = True
 
     def state_dict(self):
         "The epoch's running sums and the records not yet read back (plain values)."
         pending = _columns(_to_host([dict(r) for r in self._pending], ('loss', 'grad_norm'), 'cpu'))
-        if self._done: return dict(loss_sum=torch.zeros(()), n=0, elapsed=0., pending=pending)  # between epochs
-        return dict(loss_sum=self._sum.detach().cpu(), n=self._n, elapsed=self._elapsed + time.perf_counter() - self._t0,
-                    pending=pending)
+        if self._done: return dict(loss_sum=0., n=0, elapsed=0., pending=pending)  # between epochs
+        return dict(loss_sum=self._sum, n=self._n, elapsed=self._elapsed + time.perf_counter() - self._t0, pending=pending)
 
     def load_state_dict(self, sd):
         self._restored = sd
         self._pending = _rows(sd['pending'])
 
-# %% ../nbs/06_loop.ipynb #0b387a27
+# %% ../nbs/06_loop.ipynb #87e8f968
 def _fmt(k, v):
     if isinstance(v, float):
         if k == 'time': return f"{int(v) // 60:02d}:{int(v) % 60:02d}"
@@ -282,7 +281,7 @@ def _fmt(k, v):
 
 class ProgressCallback(Callback):
     "A progress bar per epoch with the running loss (`bars`), and a printed table row per epoch (`table`)."
-    order = 60
+    order, main_only = 60, True
     def __init__(self, bars:bool=True, # show fastprogress bars
                  table:bool=True):     # print the per-epoch table
         self.bars, self.table, self.mb, self.pb = bars, table, None, None
@@ -324,18 +323,23 @@ class ProgressCallback(Callback):
         if self.mb is not None: self.mb.on_iter_end()
         self.mb = self.pb = None
 
-# %% ../nbs/06_loop.ipynb #cd0ec116
+# %% ../nbs/06_loop.ipynb #b7b2d432
 _STEP_COLS = ['epoch', 'batch', 'iter', 'step', 'lr', 'loss', 'grad_norm']
+
+def _cell(v)->str:
+    "A value as pandas' `to_csv` writes it: '' for None and NaN, `repr` for numbers."
+    if v is None or (isinstance(v, float) and math.isnan(v)): return ''
+    return repr(v) if isinstance(v, (int, float)) else str(v)
 
 class CSVLogger(Callback):
     "Write `history.csv` (per epoch) and `steps.csv` (per batch, appended at each read-back) into `loop.out_dir`."
-    order = 70
+    order, main_only = 70, True
     def __init__(self, fname:str='history.csv', steps_fname:str='steps.csv'): self.fname, self.steps_fname = fname, steps_fname
 
     def before_fit(self, loop):
         if loop.out_dir is None: raise ValueError("CSVLogger needs the loop's out_dir")
         loop.out_dir.mkdir(parents=True, exist_ok=True)
-        self._write_epochs(loop)
+        self._cols = None; self._write_epochs(loop)
         with open(loop.out_dir/self.steps_fname, 'w') as f: f.write(','.join(_STEP_COLS) + '\n')
         self._seen = 0; self._append_steps(loop)
 
@@ -347,15 +351,23 @@ class CSVLogger(Callback):
         self._seen = len(loop.history.steps)
 
     def _write_epochs(self, loop):
-        if loop.history.epochs: loop.history.epochs_df.to_csv(loop.out_dir/self.fname, index=False)
+        "Append the newest epoch's row to `history.csv`; write the whole file when the columns change (or on the first write)."
+        eps = loop.history.epochs
+        if not eps: return
+        cols = list(dict.fromkeys(k for r in eps for k in r))
+        if cols != getattr(self, '_cols', None) or len(eps) != self._rows + 1:
+            loop.history.epochs_df.to_csv(loop.out_dir/self.fname, index=False)
+        else:
+            with open(loop.out_dir/self.fname, 'a') as f: f.write(','.join(_cell(eps[-1].get(k)) for k in cols) + '\n')
+        self._cols, self._rows = cols, len(eps)
 
     def after_batch(self, loop): self._append_steps(loop)
     def after_epoch(self, loop): self._append_steps(loop); self._write_epochs(loop)
 
-# %% ../nbs/06_loop.ipynb #afa0703e
+# %% ../nbs/06_loop.ipynb #ecf89f7f
 class TensorBoardLogger(Callback):
     "TensorBoard scalars of the batch records and epoch metrics, in `loop.out_dir/tensorboard`."
-    order = 70
+    order, main_only = 70, True
     def __init__(self, folder:str='tensorboard'): self.folder, self.writer = folder, None
 
     def before_fit(self, loop):
@@ -386,7 +398,7 @@ class TensorBoardLogger(Callback):
     def after_fit(self, loop):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/06_loop.ipynb #f828affe
+# %% ../nbs/06_loop.ipynb #87a8ab09
 def _link_or_copy(src:Path, dst:Path):
     "Make `dst` the same file as `src`, atomically: a hard link where possible, else an fsync'ed copy."
     tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
@@ -398,40 +410,86 @@ def _link_or_copy(src:Path, dst:Path):
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
 
+def snapshot(obj):
+    "A copy of `obj` (nested dicts, lists, tuples) in which every tensor is copied to the CPU: safe to write while training goes on."
+    if isinstance(obj, torch.Tensor): return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the type and attributes, e.g. a state_dict's `_metadata`
+        for k, v in obj.items(): out[k] = snapshot(v)
+        return out
+    if type(obj) in (list, tuple): return type(obj)(snapshot(v) for v in obj)
+    return obj
+
 class CheckpointCallback(Callback):
     "Save a checkpoint every epoch (and every `every_steps` optimizer steps) into `out_dir/folder`, keeping the last `keep_last`."
     order = 90
     def __init__(self, every_steps:int=None, # also save every this many optimizer steps
                  keep_last:int=3,             # how many checkpoint files to keep (`last.pt` comes on top)
                  every_epoch:bool=True,       # save at the end of each epoch
-                 folder:str='checkpoints'):   # sub-folder of `loop.out_dir`
+                 folder:str='checkpoints',    # sub-folder of `loop.out_dir`
+                 background:bool=True):       # write the files in a background thread while training goes on
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"every_steps must be a positive integer or None, got {every_steps!r}")
         if not isinstance(keep_last, int) or keep_last < 1: raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
         self.every_steps, self.keep_last, self.every_epoch, self.folder = every_steps, keep_last, every_epoch, folder
+        self.background, self._writer, self._error = background, None, None
 
     def before_fit(self, loop):
         if loop.out_dir is None: raise ValueError("CheckpointCallback needs the loop's out_dir")
         self.dir = loop.out_dir/self.folder
+        if not is_main(): return  # in a multi-process run every rank takes part in a save; rank 0 writes the files
         self.dir.mkdir(parents=True, exist_ok=True)
         for p in self.dir.glob('.*.tmp'): p.unlink()  # left by a process killed during a save
+        if isinstance(loop.config, TrainConfig): loop.config.save(loop.out_dir/'config.yaml')  # the run, as a file
 
     def after_batch(self, loop):
         if self.every_steps and loop.stepped and loop.step % self.every_steps == 0 and loop.batch_idx < loop.n_batches - 1:
-            self.save(loop)
+            self.save(loop, wait=not self.background)
 
     def after_epoch(self, loop):
-        if self.every_epoch: self.save(loop)
+        if self.every_epoch: self.save(loop, wait=not self.background or loop.epoch == loop.n_epochs - 1)
 
-    def save(self, loop):
-        "Save a checkpoint now, point `last.pt` at it and delete the oldest beyond `keep_last`."
+    def after_fit(self, loop): self.wait()
+
+    def save(self, loop, wait:bool=True): # False: write the file in a background thread and return at once (one process only)
+        "Save a checkpoint now, point `last.pt` at it and delete the oldest beyond `keep_last`; returns its path."
+        self.wait()  # one write at a time; raises the error of a failed background write
+        rec = loop.get_cb(Recorder)
+        if rec is not None: rec.flush(loop)  # a NaN loss not yet read back raises here, before it is saved as "good"
         e, b = loop._pos
-        path = loop.save_checkpoint(self.dir/f'ckpt_e{e:03d}_b{b:05d}_s{loop.step:07d}.pt')
-        _link_or_copy(path, self.dir/'last.pt')
-        for old in sorted(self.dir.glob('ckpt_*.pt'), key=lambda p: p.stat().st_mtime_ns)[:-self.keep_last]: old.unlink()
+        path = self.dir/f'ckpt_e{e:03d}_b{b:05d}_s{loop.step:07d}.pt'
+        if wait or loop.dist.world_size > 1: self._write(loop, None, path)  # every rank takes part; rank 0 writes
+        else:
+            self._writer = threading.Thread(target=self._write, args=(loop, snapshot(loop.checkpoint_dict()), path),
+                                            name='vit_nb-checkpoint')
+            self._writer.start()
         return path
 
-# %% ../nbs/06_loop.ipynb #c046375e
+    def wait(self, raise_error:bool=True): # raise the error of a failed write (else keep it for the next wait)
+        "Wait for the checkpoint being written in the background, if any; raise its error if it failed."
+        if self._writer is not None: self._writer.join(); self._writer = None
+        if self._error is not None and raise_error:
+            err, self._error = self._error, None
+            raise err
+
+    def _write(self, loop, ck, path):
+        "Write checkpoint `ck` (None: `loop.save_checkpoint`, now) to `path`, point `last.pt` at it and delete old ones."
+        step = loop.step if ck is None else ck['step']
+        try:
+            try:
+                if ck is None: loop.save_checkpoint(path)  # every rank; rank 0 writes
+                else: atomic_save(ck, path)
+                if is_main(): _link_or_copy(path, self.dir/'last.pt')
+            except OSError as err:
+                raise _os_error(err, f"checkpoint of step {step} not saved: {err.strerror or err}") from err
+            loop.last_checkpoint, loop.last_checkpoint_step = self.dir/'last.pt', step
+            if is_main():
+                for old in sorted(self.dir.glob('ckpt_*.pt'), key=lambda p: p.stat().st_mtime_ns)[:-self.keep_last]: old.unlink()
+        except Exception as err:
+            if ck is None: raise
+            self._error = err  # raised by the next `wait()`
+
+# %% ../nbs/06_loop.ipynb #d7c905ef
 def _accuracy(preds, targets):
     "Fraction of arg-max predictions equal to the targets (class indices, or the arg-max of target rows), as a tensor."
     if preds.ndim == 2 and preds.shape[-1] > 1: p = preds.argmax(-1)
@@ -447,7 +505,93 @@ def _model_cfg(model)->dict:
 
 def _default_device(): return 'cuda' if torch.cuda.is_available() else 'cpu'
 
-# %% ../nbs/06_loop.ipynb #702b2517
+def _shard(data:DataBundle, dist)->DataBundle:
+    "`data` with its training loader serving this rank's shard (as is in a single process)."
+    if dist.world_size == 1: return data
+    return dataclasses.replace(data, train=shard_loader(data.train, dist.rank, dist.world_size))
+
+def _check_device(device)->torch.device:
+    "`device` as a `torch.device`; a `ValueError` naming it when it is no device name or is not on this machine."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r} is not a device name such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if d.type == 'cuda':
+        if not torch.cuda.is_available(): raise ValueError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n: raise ValueError(f"device={device!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    if d.type == 'mps' and not torch.backends.mps.is_available(): raise ValueError(f"device={device!r}: MPS is not available on this machine")
+    return d
+
+def _check_out_dir(folder:Path):
+    "Create `folder` and write a probe file in it, or raise an `OSError` naming it, before any training."
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder): pass
+    except OSError as e:
+        block = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        note = f" ({block} is a file, not a folder)" if block is not None else ''
+        raise _os_error(e, f"out_dir={str(folder)!r} cannot be written: {e.strerror or e}{note}") from None
+
+def _labels_of(data, split):
+    "The class-index labels of `data.<split>`, where the loader holds them (`TensorLoader.y`) or the bundle does, else None."
+    y = getattr(getattr(data, split, None), 'y', None)
+    if y is None and split == 'train': y = getattr(data, 'train_labels', None)
+    return y if isinstance(y, torch.Tensor) and y.ndim == 1 and not y.is_floating_point() and len(y) else None
+
+def _check_data(model, data):
+    "Fail before any training when `data` cannot feed `model`: no training batches, another image size, channel or class count, labels out of range."
+    if data.train is not None and hasattr(data.train, '__len__') and len(data.train) == 0:
+        raise ValueError(f"the training data {data.name!r} has no batches ({getattr(data, 'sizes', {}).get('train', 0)} items): nothing to train on")
+    cfg = getattr(getattr(model, 'module', model), 'cfg', None)
+    for k in ('img_size', 'in_chans', 'n_classes'):
+        have, want = getattr(cfg, k, None), getattr(data, k, None)
+        if have is None or want is None or have == want or (k == 'n_classes' and (have, want) == (1, 2)): continue
+        raise ValueError(f"the model has {k}={have} but the data {data.name!r} has {k}={want}: build the model for the data, "
+                         f"e.g. vit_config(preset, img_size=data.img_size, in_chans=data.in_chans, n_classes=data.n_classes)")
+    for split in ('train', 'valid', 'test'):
+        y = _labels_of(data, split)
+        if y is None: continue
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= data.n_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"data.{split} has label {bad}, outside range(n_classes={data.n_classes}) "
+                             f"({int(((y < 0) | (y >= data.n_classes)).sum())} of {len(y)} labels)")
+
+# %% ../nbs/06_loop.ipynb #26cdb094
+def pick_attention(model:nn.Module, # a model with vit_nb `Attention` modules (others are left alone)
+                   precision='32',  # the training precision, see `vit_nb.backprop.PRECISIONS`
+                   device='cpu')->str: # the device it trains on
+    "Use the plain-math attention under bfloat16 on the CPU and the fused kernel elsewhere; returns the kernel's name."
+    slow_fused = parse_precision(precision, device) == 'bf16' and torch.device(device).type == 'cpu'
+    attend = math_attention if slow_fused else fused_attention
+    for m in model.modules():
+        if isinstance(m, Attention) and m.attend is fused_attention and slow_fused: m.attend = attend
+    return attend.__name__
+
+def _cpu_has_bf16()->bool:
+    "Does this CPU compute in bfloat16 natively (AVX512-BF16 or AMX)? (Elsewhere bfloat16 is emulated, and slower than float32.)"
+    checks = [getattr(torch.cpu, n, None) for n in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    return any(f() for f in checks if callable(f))
+
+def auto_precision(device='cpu')->str: # the device that trains
+    "The faster precision on `device`: 'bf16' on GPUs and CPUs that compute in bfloat16, else '32'."
+    d = torch.device(device)
+    if d.type == 'cuda':
+        try: return 'bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else '32'
+        except TypeError: return 'bf16' if torch.cuda.is_bf16_supported() else '32'
+    return 'bf16' if d.type == 'cpu' and _cpu_has_bf16() else '32'
+
+_THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')
+
+def set_threads(n:int=None)->int: # threads (default: every core this process may run on)
+    "Give torch `n` intra-op threads (default: all available cores, unless OMP_NUM_THREADS/MKL_NUM_THREADS is set); returns the number."
+    if n is None:
+        if any(os.environ.get(v) for v in _THREAD_VARS): return torch.get_num_threads()
+        n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    if n != torch.get_num_threads(): torch.set_num_threads(n)
+    return n
+
+# %% ../nbs/06_loop.ipynb #feba94b7
 class TrainingLoop:
     "Train `model` on `data`: `fit` / `one_epoch` / `one_batch` with callbacks at named events; checkpoints; exact resume."
     def __init__(self, model:nn.Module,        # the model to train, e.g. a `ViT`
@@ -462,12 +606,12 @@ class TrainingLoop:
                  wd:float=TrainConfig.wd,      # named optimizer: weight decay
                  sched=TrainConfig.sched,      # named optimizer: schedule name in `SCHEDULERS`, or None
                  warmup_pct:float=TrainConfig.warmup_pct, # named optimizer: fraction of the steps to warm up for
-                 precision='32',               # default backprop: '32', 'bf16' or '16'
+                 precision='32',               # default backprop: '32', 'bf16', '16', or 'auto' (`auto_precision`: bf16 where the hardware has it)
                  clip_norm:float=None,         # default backprop: clip the gradient norm to this
                  accum_steps:int=1,            # default backprop: batches per optimizer step
                  nonfinite:str=None,           # default backprop: None checks the loss once per `log_every`; or 'raise'/'skip'/'ignore' per step
                  label_smoothing:float=0.,     # named loss: label smoothing
-                 device=None,                  # where to train (default: CUDA when available, else CPU)
+                 device=None,                  # where to train (default: CUDA when available, else CPU; under torchrun cuda:LOCAL_RANK)
                  out_dir=None,                 # folder for logs and checkpoints (None: write nothing)
                  log_every:int=TrainConfig.log_every, # batches between read-backs of running metrics from the device
                  progress:bool=True,           # show a progress bar per epoch
@@ -476,9 +620,14 @@ class TrainingLoop:
                  tensorboard:bool=False,       # write TensorBoard event files to `out_dir/tensorboard`
                  ckpt_every_steps:int=None,    # checkpoint every this many optimizer steps too (needs `out_dir`)
                  keep_last:int=TrainConfig.keep_last, # checkpoints to keep besides `last.pt`
+                 track_grad_norm:bool=False,   # record the gradient norm of every step (an extra pass over the gradients; always with clip_norm)
+                 compile:bool=False,           # compile the model with `torch.compile` (in place: same module, same state_dict)
                  config:TrainConfig=None):     # the config this loop was built from (stored in checkpoints)
-        self.device = torch.device(device or _default_device())
-        self.model, self.data = model.to(self.device), data
+        self.dist = init_distributed(_check_device(device or _default_device()))  # under torchrun: join the process group
+        self.device = self.dist.device  # under torchrun a bare 'cuda' is cuda:LOCAL_RANK
+        _check_data(model, data)
+        if out_dir is not None: _check_out_dir(Path(out_dir))
+        self.model, self.data = wrap_ddp(model.to(self.device), self.device), _shard(data, self.dist)
         if isinstance(loss, LossCalculator): self.loss_calc = loss
         else: self.loss_calc = LossCalculator(loss, label_smoothing=label_smoothing, **({} if callable(loss) else dict(n_classes=data.n_classes)))
         self.loss_calc.to(self.device)
@@ -486,9 +635,13 @@ class TrainingLoop:
         if backprop is not None and backprop.opt is not optimizer:
             raise ValueError("backprop steps another optimizer than optimizer=; pass one of them, or the same object to both")
         self._opt_spec = dict(opt=optimizer, lr=lr, wd=wd, sched=sched, warmup_pct=warmup_pct)
-        self._bp_spec = dict(precision=precision, clip_norm=clip_norm, accum_steps=accum_steps, nonfinite=nonfinite)
+        if precision == 'auto': precision = auto_precision(self.device)
+        self._bp_spec = dict(precision=precision, clip_norm=clip_norm, accum_steps=accum_steps, nonfinite=nonfinite,
+                             track_grad_norm=track_grad_norm)
         self.opt, self.backprop = (None, None) if isinstance(optimizer, str) else (optimizer, backprop)
         if self.opt is not None and self.backprop is None: self.backprop = self._make_backprop()
+        pick_attention(self.model, self.backprop.precision if self.backprop is not None else precision, self.device)
+        if compile: self.model.compile()
         self.metrics = list(metrics or [])
         self.epochs, self.out_dir, self.log_every, self.config = epochs, (Path(out_dir) if out_dir else None), log_every, config
         self.nonfinite = nonfinite
@@ -497,6 +650,7 @@ class TrainingLoop:
         self.n_epochs, self.training, self._resume_at = epochs, False, None
         self.xb = self.yb = self.preds = self.loss = None
         self.stepped, self._pos = False, (0, 0)
+        self.last_checkpoint = self.last_checkpoint_step = None  # the newest checkpoint saved or loaded, and its step
         self.add_cb(Recorder(log_every))
         if progress or verbose: self.add_cb(ProgressCallback(bars=progress, table=verbose))
         if out_dir is not None:
@@ -510,13 +664,13 @@ class TrainingLoop:
     def _make_backprop(self):
         s = self._bp_spec
         return BackpropManager(self.opt, s['precision'], self.device, clip_norm=s['clip_norm'], accum_steps=s['accum_steps'],
-                               nonfinite=s['nonfinite'] or 'ignore', track_grad_norm=True)
+                               nonfinite=s['nonfinite'] or 'ignore', track_grad_norm=s['track_grad_norm'])
 
     def _build_opt(self, epochs:int):
         "Build the named optimizer (and the default backprop) for a run of `epochs`."
         s = self._opt_spec
         total = max(1, epochs * len(self.data.train) // self._bp_spec['accum_steps'])
-        self.opt = OptimizerManager(self.model, s['opt'], lr=s['lr'], wd=s['wd'], sched=s['sched'], total_steps=total,
+        self.opt = OptimizerManager(unwrap(self.model), s['opt'], lr=s['lr'], wd=s['wd'], sched=s['sched'], total_steps=total,
                                     warmup_pct=s['warmup_pct'] if s['sched'] != 'onecycle' else 0.)
         self.backprop = self._make_backprop()
 
@@ -527,7 +681,7 @@ class TrainingLoop:
         "Current learning rate of each parameter group."
         return [float(g['lr']) for g in getattr(self.opt, 'opt', self.opt).param_groups]
 
-# %% ../nbs/06_loop.ipynb #21ab4115
+# %% ../nbs/06_loop.ipynb #8505c9ed
 @patch
 def add_cb(self:TrainingLoop, cb):
     "Add callback `cb` (an instance, or a class to instantiate); returns it."
@@ -535,14 +689,20 @@ def add_cb(self:TrainingLoop, cb):
     if not isinstance(cb, Callback) and not any(callable(getattr(cb, e, None)) for e in EVENTS):
         raise TypeError(f"a callback must be a Callback or define an event method ({', '.join(EVENTS)}), got {cb!r}")
     self.cbs = sorted(self.cbs + [cb], key=lambda c: getattr(c, 'order', 0))
-    self._handlers = {e: [getattr(c, e) for c in self.cbs if callable(getattr(c, e, None))] for e in EVENTS}
+    self._index_cbs()
     return cb
+
+@patch
+def _index_cbs(self:TrainingLoop):
+    "The bound handlers of each event, in order; on ranks other than 0, without the `main_only` callbacks."
+    run = [c for c in self.cbs if self.dist.rank == 0 or not getattr(c, 'main_only', False)]
+    self._handlers = {e: [getattr(c, e) for c in run if callable(getattr(c, e, None))] for e in EVENTS}
 
 @patch
 def remove_cb(self:TrainingLoop, cb):
     "Remove callback `cb` (an instance, or every callback of a class)."
     self.cbs = [c for c in self.cbs if not (c is cb or (isinstance(cb, type) and isinstance(c, cb)))]
-    self._handlers = {e: [getattr(c, e) for c in self.cbs if callable(getattr(c, e, None))] for e in EVENTS}
+    self._index_cbs()
 
 @patch
 @contextmanager
@@ -567,7 +727,7 @@ def __call__(self:TrainingLoop, event:str):
     "Run every callback's handler of `event`, in order."
     for f in self._handlers[event]: f(self)
 
-# %% ../nbs/06_loop.ipynb #aeca568c
+# %% ../nbs/06_loop.ipynb #4be2bdc1
 @patch
 def fit(self:TrainingLoop, epochs:int=None, # epochs to train in all (default: the loop's `epochs`, or the checkpoint's)
         resume=None):                       # a checkpoint file to continue from, up to `epochs`
@@ -582,8 +742,24 @@ def fit(self:TrainingLoop, epochs:int=None, # epochs to train in all (default: t
         self('before_fit')
         for self.epoch in range(start, self.n_epochs): self.one_epoch()
     except CancelFitException: pass
+    except NonFiniteError as e: raise NonFiniteError(f"{e}; {self._stopped()}") from None
+    except OSError as e:  # a full disk, a read-only or vanished folder: a log or a checkpoint could not be written
+        raise _os_error(e, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; {self._stopped()}") from e
     self('after_fit')
     return self.history
+
+@patch
+def _stopped(self:TrainingLoop)->str:
+    "Where the run stopped and where it can be resumed from, for error messages."
+    return f"stopped at epoch {self.epoch}, batch {self.batch_idx}, after {self.step} optimizer steps; {self._last_good()}"
+
+@patch
+def _last_good(self:TrainingLoop)->str:
+    "Where this run can be resumed from, for error messages."
+    for cb in self.cbs:
+        if isinstance(cb, CheckpointCallback): cb.wait(raise_error=False)  # a checkpoint being written counts once on disk
+    if self.last_checkpoint is None: return "no checkpoint was saved" + (" (out_dir is None)" if self.out_dir is None else " yet")
+    return f"the last good checkpoint is {self.last_checkpoint} (step {self.last_checkpoint_step}): resume from it"
 
 @patch
 def one_epoch(self:TrainingLoop):
@@ -609,12 +785,13 @@ def one_batch(self:TrainingLoop, xb, yb):
     self.xb, self.yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
     self.preds = self.loss = None; self.stepped = False
     try:
-        self('before_batch')
-        with self.backprop.autocast(): self.preds = self.model(self.xb)
-        self('after_pred')
-        with self.backprop.autocast(): self.loss = self.loss_calc(self.preds, self.yb)
-        self('after_loss')
-        self.backprop.backward(self.loss)
+        with grad_sync(self.model, self.backprop.sync_gradients):  # DDP: all-reduce only before an optimizer step
+            self('before_batch')
+            with self.backprop.autocast(): self.preds = self.model(self.xb)
+            self('after_pred')
+            with self.backprop.autocast(): self.loss = self.loss_calc(self.preds, self.yb)
+            self('after_loss')
+            self.backprop.backward(self.loss)
         try:
             self('after_backward')
             self.stepped = self.backprop.step()
@@ -624,7 +801,7 @@ def one_batch(self:TrainingLoop, xb, yb):
     self._pos = (self.epoch, self.batch_idx + 1)
     self('after_batch')
 
-# %% ../nbs/06_loop.ipynb #695139a5
+# %% ../nbs/06_loop.ipynb #a11e2619
 @patch
 def _predict(self:TrainingLoop, loader):
     "Predictions and targets of `loader`, concatenated on the device, in eval mode and without gradients."
@@ -632,10 +809,15 @@ def _predict(self:TrainingLoop, loader):
     ps, ts = [], []
     with torch.no_grad():
         for xb, yb in loader:
-            with ctx(): ps.append(self.model(xb.to(self.device, non_blocking=True)).float())
+            with ctx(): ps.append(unwrap(self.model)(xb.to(self.device, non_blocking=True)).float())
             ts.append(yb.to(self.device, non_blocking=True))
     if not ps: raise ValueError(f"the loader {loader!r} yielded no batches")
     return torch.cat(ps), torch.cat(ts)
+
+def _same_on_all_ranks(res:dict, device)->dict:
+    "Rank 0's values of the dict of numbers `res`, on every rank (as is in a single process)."
+    if not is_distributed(): return res
+    return dict(zip(res, broadcast(torch.tensor(list(res.values()), dtype=torch.float64, device=device)).tolist()))
 
 @patch
 def validate(self:TrainingLoop, loader=None, # a loader of (xb, yb) (default: `data.valid`)
@@ -651,6 +833,7 @@ def validate(self:TrainingLoop, loader=None, # a loader of (xb, yb) (default: `d
         res = {f'{prefix}_loss': self.loss_calc(preds, targets), f'{prefix}_acc': _accuracy(preds, targets)}
         for m in self.metrics: res[f'{prefix}_{_fn_name(m)}'] = m(preds, targets)
         self.valid_metrics = {k: float(v) for k, v in _to_host([res], list(res), self.device)[0].items()}  # one read-back
+        self.valid_metrics = _same_on_all_ranks(self.valid_metrics, self.device)  # DDP: rank 0's numbers on every rank
         self('after_validate')
     finally:
         self.training = was; self.model.train(was)
@@ -667,7 +850,7 @@ def predict(self:TrainingLoop, loader=None): # a loader of (xb, yb) (default: `d
     finally: self.model.train(was)
     return preds.cpu(), targets.cpu()
 
-# %% ../nbs/06_loop.ipynb #26dfabb0
+# %% ../nbs/06_loop.ipynb #69eecf78
 @patch
 def checkpoint_dict(self:TrainingLoop)->dict:
     "Everything needed to continue this run exactly, as tensors and plain Python values."
@@ -679,14 +862,15 @@ def checkpoint_dict(self:TrainingLoop)->dict:
             n = getattr(cb, 'name', type(cb).__name__)
             k = n if n not in names else f'{n}_{len(names)}'
             names.add(k); cbs[k] = cb.state_dict()
-    m = getattr(self.model, 'module', self.model)
+    m = unwrap(self.model)
     grads = None
-    if self.backprop.micro_step: grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    if self.backprop.micro_step: grads = {n: p.grad.cpu() for n, p in m.named_parameters() if p.grad is not None}
+    ranks = all_gather_object(dict(rng=self._get_rng(), grads=grads)) if self.dist.world_size > 1 else None
     return dict(format=CKPT_FORMAT, schema_version=SCHEMA_VERSION, versions=dict(vit_nb=str(__version__), torch=str(torch.__version__)),
                 model=m.state_dict(), model_config=_model_cfg(self.model), optimizer=self.opt.state_dict(),
                 backprop=self.backprop.state_dict(), callbacks=cbs, grads=grads,
                 epoch=epoch, batch_idx=batch, step=self.step, n_epochs=self.n_epochs, n_batches=self.n_batches,
-                rng=self._get_rng(), history=self.history.state_dict(),
+                rng=self._get_rng(), world_size=self.dist.world_size, ranks=ranks, history=self.history.state_dict(),
                 config=self.config.to_dict() if self.config is not None else self._settings(),
                 from_config=self.config is not None)
 
@@ -718,8 +902,15 @@ def _set_rng(self:TrainingLoop, sd:dict):
 
 @patch
 def save_checkpoint(self:TrainingLoop, path)->Path:
-    "Save `checkpoint_dict()` to `path` atomically; returns the path."
-    return atomic_save(self.checkpoint_dict(), path)
+    "Save `checkpoint_dict()` to `path` atomically; returns the path. Every rank of a multi-process run calls it; rank 0 writes."
+    ck, err = self.checkpoint_dict(), None
+    if is_main():
+        try: path = atomic_save(ck, path)
+        except Exception as e: err = e
+    errs = all_gather_object(None if err is None else f"{type(err).__name__}: {err}")  # and a barrier: the file is there
+    if err is not None: raise err
+    if errs[0] is not None: raise OSError(f"rank 0 could not save the checkpoint {path}: {errs[0]}")
+    return Path(path)
 
 def _check_model_config(path, ck, model):
     want, have = ck.get('model_config'), _model_cfg(model)
@@ -739,6 +930,10 @@ def load_checkpoint(self:TrainingLoop, path, # a checkpoint written by `save_che
     m = getattr(self.model, 'module', self.model)
     m.load_state_dict(ck['model'])
     if weights_only: return ck
+    if ck.get('world_size', 1) != self.dist.world_size:
+        raise CheckpointError(f"{path} was saved by a run of {ck.get('world_size', 1)} processes, this one has {self.dist.world_size}: "
+                              "resume with as many (torchrun --nproc_per_node), or load the weights only")
+    mine = ck['ranks'][self.dist.rank] if ck.get('ranks') else ck  # this rank's RNG state and gradients
     if ck['n_batches'] != self.n_batches:
         raise CheckpointError(f"{path} was saved with {ck['n_batches']} batches per epoch, this data has {self.n_batches}: "
                               "resume with the same data and batch size")
@@ -746,8 +941,8 @@ def load_checkpoint(self:TrainingLoop, path, # a checkpoint written by `save_che
     if self.opt is None: self._build_opt(ck['n_epochs'])
     self.opt.load_state_dict(ck['optimizer'])
     self.backprop.load_state_dict(ck['backprop'])
-    if ck.get('grads'):
-        for n, p in m.named_parameters(): p.grad = ck['grads'][n].to(p.device) if n in ck['grads'] else None
+    if mine.get('grads'):
+        for n, p in m.named_parameters(): p.grad = mine['grads'][n].to(p.device) if n in mine['grads'] else None
     states, names = dict(ck['callbacks']), set()
     for cb in self.cbs:
         if callable(getattr(cb, 'load_state_dict', None)) and callable(getattr(cb, 'state_dict', None)):
@@ -759,22 +954,23 @@ def load_checkpoint(self:TrainingLoop, path, # a checkpoint written by `save_che
     if states: warnings.warn(f"{path} holds state for callbacks this loop does not have: {sorted(states)}")
     self.history.load_state_dict(ck['history'])
     self.step, self.epoch, self._pos = ck['step'], ck['epoch'], (ck['epoch'], ck['batch_idx'])
-    self._resume_at = (ck['epoch'], ck['batch_idx'], ck['rng'])
+    self._resume_at = (ck['epoch'], ck['batch_idx'], mine['rng'])
+    self.last_checkpoint, self.last_checkpoint_step = Path(path), ck['step']
     return ck
 
-# %% ../nbs/06_loop.ipynb #7f23a8a8
+# %% ../nbs/06_loop.ipynb #617c90c0
 @patch(cls_method=True)
 def from_config(cls:TrainingLoop, cfg, # a `TrainConfig` (or a dict of its fields)
                 **kwargs): # more `TrainingLoop` arguments: cbs, metrics, progress, verbose, tensorboard, ...
     "Seed, load the data, build the model and the loop that `cfg` describes."
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    set_seed(cfg.seed)
-    data = get_data(cfg.data, bs=cfg.bs, seed=cfg.seed, augment=cfg.augment)
-    model = ViT(vit_config(cfg.preset, img_size=data.img_size, in_chans=data.in_chans, n_classes=data.n_classes, **cfg.model))
-    kw = dict(loss=cfg.loss, optimizer=cfg.opt, epochs=cfg.epochs, lr=cfg.lr, wd=cfg.wd, sched=cfg.sched,
+    set_seed(cfg.seed + init_distributed(cfg.device).rank)  # rank r: its own dropout/augmentation stream; DDP copies rank 0's weights
+    data = cfg.build_data()
+    model = cfg.build_model(data)
+    kw = dict(loss=cfg.build_loss(data), optimizer=cfg.opt, epochs=cfg.epochs, lr=cfg.lr, wd=cfg.wd, sched=cfg.sched,
               warmup_pct=cfg.warmup_pct, precision=cfg.precision, clip_norm=cfg.clip_norm, accum_steps=cfg.accum_steps,
-              label_smoothing=cfg.label_smoothing, device=cfg.device, out_dir=cfg.out_dir, log_every=cfg.log_every,
-              ckpt_every_steps=cfg.ckpt_every_steps, keep_last=cfg.keep_last, config=cfg)
+              nonfinite=cfg.nonfinite, device=cfg.device, out_dir=cfg.out_dir, log_every=cfg.log_every,
+              tensorboard=cfg.tensorboard, ckpt_every_steps=cfg.ckpt_every_steps, keep_last=cfg.keep_last, compile=cfg.compile, config=cfg)
     return cls(model, data, **{**kw, **kwargs})
 
 @patch(cls_method=True)
@@ -789,7 +985,7 @@ def resume(cls:TrainingLoop, path, # a checkpoint of a loop built with `from_con
     loop.load_checkpoint(path)
     return loop
 
-# %% ../nbs/06_loop.ipynb #c656737f
+# %% ../nbs/06_loop.ipynb #ec6d707c
 @patch
 def plot_history(self:TrainingLoop, path=None, # save the figure as a PNG here
                  smooth:int=None):            # moving-average window of the batch losses (default: about 1/20 of the run)
@@ -810,11 +1006,11 @@ def plot_history(self:TrainingLoop, path=None, # save the figure as a PNG here
     a1.set(xlabel='epoch', ylabel='accuracy', title='validation accuracy')
     a2.plot(st['iter'], st['lr']); a2.set(xlabel='batch', ylabel='learning rate', title='learning rate')
     fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=100)
+    if path is not None and is_main(): fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig
 
-# %% ../nbs/06_loop.ipynb #4b19931a
+# %% ../nbs/06_loop.ipynb #63425c67
 def per_sample_losses(loss_calc, preds, targets):
     "The loss of each sample of `preds` against `targets` (shape (N,)), whatever the reduction of `loss_calc`."
     if isinstance(loss_calc, LossCalculator) and loss_calc.fn is None and 'reduction' in loss_calc.opts:
@@ -853,7 +1049,9 @@ def from_checkpoint(cls:TrainingLoop, checkpoint, # a checkpoint written by a `T
         raise CheckpointError(f"{checkpoint} stores no model config, so its model cannot be rebuilt; build the model and "
                               "call loop.load_checkpoint(path, weights_only=True)")
     mcfg, cfg = ViTConfig(**ck['model_config']), ck.get('config') or {}
-    if data is None: data = get_data(cfg.get('data', 'digits'), bs=cfg.get('bs', 128), seed=cfg.get('seed', 0), augment=False)
+    if data is None:  # the run's split: from its full TrainConfig, or from the few settings a plain loop stores
+        if ck.get('from_config'): data = TrainConfig.from_dict(cfg).build_data(augment=False)
+        else: data = get_data(cfg.get('data', 'digits'), bs=cfg.get('bs', 128), seed=cfg.get('seed', 0), augment=False)
     if mcfg.n_classes != data.n_classes:
         raise CheckpointError(f"{checkpoint} holds a model for n_classes={mcfg.n_classes}, but the data {data.name!r} has "
                               f"{data.n_classes} classes")

@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['LOSSES', 'REDUCTIONS', 'balanced_weights', 'focal_loss', 'LossCalculator']
 
-# %% ../nbs/03_loss.ipynb #c7e84d63
+# %% ../nbs/03_loss.ipynb #b583d84c
 from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# %% ../nbs/03_loss.ipynb #f1bb6e05
+# %% ../nbs/03_loss.ipynb #ea5070fe
 LOSSES = ('cross_entropy', 'mse', 'bce', 'focal')  # the names `LossCalculator` knows
 REDUCTIONS = ('mean', 'sum', 'none')
 
@@ -24,7 +24,7 @@ def _check_options(reduction='mean', label_smoothing=0., gamma=2., alpha=None):
     if not gamma >= 0: raise ValueError(f"gamma={gamma!r} must be >= 0 (0 gives plain cross-entropy)")
     if alpha is not None and not 0 <= alpha <= 1: raise ValueError(f"alpha={alpha!r} must be in [0, 1] or None")
 
-# %% ../nbs/03_loss.ipynb #7bf43e90
+# %% ../nbs/03_loss.ipynb #f292b6f0
 def balanced_weights(labels, # training labels: class indices (N,), or one-hot / soft rows (N, n_classes)
                      n_classes:int|None=None, # number of classes; default: inferred from `labels`
                     ) -> Tensor:
@@ -48,7 +48,7 @@ def balanced_weights(labels, # training labels: class indices (N,), or one-hot /
     if missing: raise ValueError(f"classes {missing} have no training labels, so 'balanced' weights are undefined")
     return (len(y) / (len(counts) * counts)).float()
 
-# %% ../nbs/03_loss.ipynb #fda752d4
+# %% ../nbs/03_loss.ipynb #b4c45686
 def _shape(t): return tuple(t.shape)
 
 def _check_batch(preds, targets):
@@ -127,7 +127,7 @@ def _reduce(loss, reduction):
     if reduction == 'sum': return loss.sum()
     return loss if loss.ndim == 1 else loss.flatten(1).mean(1)
 
-# %% ../nbs/03_loss.ipynb #969cf31f
+# %% ../nbs/03_loss.ipynb #6975493a
 def _cross_entropy(preds, targets, weight=None, reduction='mean', label_smoothing=0.):
     "Softmax cross-entropy; `targets` are class indices or probability rows."
     t = _class_targets(preds, targets, 'cross_entropy')
@@ -163,7 +163,7 @@ def _bce(preds, targets, weight=None, reduction='mean', label_smoothing=0., pos_
                                               reduction='none')
     return _reduce(loss, reduction)
 
-# %% ../nbs/03_loss.ipynb #5354bb7e
+# %% ../nbs/03_loss.ipynb #5104de5e
 def _softmax_focal(preds, t, gamma, alpha, weight, reduction, label_smoothing):
     "Multi-class focal loss for preds (B, C) and class indices or probability rows `t`."
     C = preds.shape[1]
@@ -211,7 +211,7 @@ def focal_loss(preds:Tensor, # logits: (B, C) multi-class; (B,) or (B, 1) binary
     _check_weight(weight, preds.shape[1], 'focal')
     return _softmax_focal(preds, t, gamma, alpha, weight, reduction, label_smoothing)
 
-# %% ../nbs/03_loss.ipynb #5ac7966d
+# %% ../nbs/03_loss.ipynb #5c6c995a
 _OPTIONS = {  # the options each loss uses; the others must stay at their defaults
     'cross_entropy': ('weight', 'reduction', 'label_smoothing'),
     'mse': ('weight', 'reduction', 'softmax'),
@@ -230,6 +230,16 @@ def _as_weight(w, what):
     t = torch.as_tensor(w.detach().cpu() if isinstance(w, Tensor) else w, dtype=torch.float32).flatten()
     if not torch.isfinite(t).all() or (t < 0).any(): raise ValueError(f"{what} must be finite and >= 0, got {t.tolist()}")
     return t
+
+def _check_labels(preds, targets):
+    "Raise a `ValueError` naming the first class index in `targets` outside `range(C)` of `preds` (B, C) (torch's message does not say C)."
+    if not (isinstance(preds, Tensor) and isinstance(targets, Tensor)) or preds.ndim != 2 or targets.ndim != 1: return
+    if targets.is_floating_point() or targets.dtype == torch.bool: return
+    C, bad = preds.shape[1], ((targets < 0) | (targets >= preds.shape[1])).nonzero()
+    if len(bad):
+        i = bad[0].item()
+        raise ValueError(f"label {targets[i].item()} (sample {i}) is not in range(n_classes={C}): class-index targets "
+                         f"must be in [0, {C - 1}]; {len(bad)} of {len(targets)} labels are outside") from None
 
 class LossCalculator:
     "Compute a loss from `(preds, targets)`: a loss in `LOSSES` with its options, or any callable."
@@ -294,10 +304,12 @@ class LossCalculator:
             if preds.ndim == 0 or self.n_classes not in widths:
                 raise ValueError(f"preds of shape {_shape(preds)} do not have n_classes={self.n_classes} classes")
         weight, pos_weight = self._weights_for(preds) if isinstance(preds, Tensor) else (self.weight, self.pos_weight)
-        if self.name == 'cross_entropy': return _cross_entropy(preds, targets, weight, **self.opts)
-        if self.name == 'mse': return _mse(preds, targets, weight, **self.opts)
-        if self.name == 'bce': return _bce(preds, targets, weight, pos_weight=pos_weight, **self.opts)
-        return focal_loss(preds, targets, weight=weight, pos_weight=pos_weight, **self.opts)
+        try:
+            if self.name == 'cross_entropy': return _cross_entropy(preds, targets, weight, **self.opts)
+            if self.name == 'mse': return _mse(preds, targets, weight, **self.opts)
+            if self.name == 'bce': return _bce(preds, targets, weight, pos_weight=pos_weight, **self.opts)
+            return focal_loss(preds, targets, weight=weight, pos_weight=pos_weight, **self.opts)
+        except (IndexError, RuntimeError): _check_labels(preds, targets); raise
 
     def __repr__(self):
         if self.fn is not None: return f"{type(self).__name__}({self.name})"
