@@ -194,3 +194,21 @@ def test_resumed_logs_equal(runs):
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     files = sorted(p.name for p in (runs['killed']/'run/checkpoints').iterdir())
     assert len(files) == 3 and 'last.pt' in files, files
+
+def test_cli_under_torchrun(tmp_path):
+    "`torchrun --no-python vit_nb_train` (the README's command): one report and one set of run files, from rank 0."
+    exe = Path(sys.executable).parent/'vit_nb_train'
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'vit_nb.cli']
+    env = {**os.environ, 'PYTHONPATH': f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", 'OMP_NUM_THREADS': '1',
+           'GLOO_SOCKET_IFNAME': 'lo'}
+    out = tmp_path/'run'
+    p = subprocess.Popen([str(TORCHRUN), '--nnodes=1', '--nproc_per_node=2', '--master_addr=127.0.0.1',
+                          f'--master_port={free_port()}', '--no-python', *cmd, '--epochs', '1', '--bs', '64',
+                          '--model', 'dim=16', 'depth=1', 'n_heads=2', '--device', 'cpu', '--out', str(out)],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = _finish(p)
+    assert log.count('test accuracy ') == 1, log[-3000:]
+    assert log.count('run folder: ') == 1
+    for name in ('config.yaml', 'checkpoints/last.pt', 'history.csv', 'test_metrics.json', 'test_confusion.png'):
+        assert (out/name).is_file(), name
+    assert read_checkpoint(out/'checkpoints/last.pt')['world_size'] == 2

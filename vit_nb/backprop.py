@@ -52,7 +52,7 @@ def _positive(name, v):
         raise ValueError(f"{name} must be a positive number or None, got {v!r}")
     return float(v)
 
-# %% ../nbs/05_backprop.ipynb #0907c7db
+# %% ../nbs/05_backprop.ipynb #6f973518
 class BackpropManager:
     "Backward passes, gradient accumulation, clipping, mixed precision and non-finite checks around an optimizer."
     def __init__(self, opt,                 # an `OptimizerManager` or a torch optimizer: has `step()` and `zero_grad()`
@@ -103,6 +103,8 @@ class BackpropManager:
 
     def _clip(self):
         "Clip the gradients in place; return their total norm before clipping (a tensor) or None."
+        if self.clip_norm is None and self.clip_value is None and not self.track_grad_norm and \
+           (self.nonfinite == 'ignore' or self.scaler is not None): return None  # nothing to do: skip the walk over the parameters
         params, norm = self._params(), None
         if not params: return None
         if self.clip_norm is not None: norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .data import DataBundle, TensorLoader, get_data
 from .model import ViT, ViTConfig, vit_config, fused_attention, math_attention
 
-# %% ../nbs/93_bench.ipynb #da8a35d9
+# %% ../nbs/93_bench.ipynb #687193d5
 def decay_split(model)->tuple:
     "The parameters that get weight decay (matrices, except the tokens) and those that do not (vectors, `pos_embed`, `cls_token`)."
     decay, no_decay = [], []
@@ -31,7 +31,8 @@ def warmup_cosine(step:int, total:int, warmup:int, start:float=0.01)->float:
     return (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup))) / 2
 
 def plain_fit(model, data:DataBundle, # the model, and data whose training loader holds tensors (`TensorLoader`)
-              epochs:int, lr:float=4e-3, wd:float=0.05, warmup_pct:float=0.1, seed:int=0)->float:
+              epochs:int, lr:float=4e-3, wd:float=0.05, warmup_pct:float=0.1, seed:int=0,
+              clock:list=None)->float: # a list to append the seconds spent from forward to optimizer step, batch by batch
     "Train `model` with the plain hand-written loop; returns the mean training loss (the only read-back)."
     x, y, bs = data.train.x, data.train.y, data.train.bs
     decay, no_decay = decay_split(model)
@@ -44,57 +45,81 @@ def plain_fit(model, data:DataBundle, # the model, and data whose training loade
         idx = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), bs):
             b = idx[i:i + bs]
-            loss = F.cross_entropy(model(x[b]), y[b])
+            xb, yb = x[b], y[b]
+            if clock is not None: t = time.perf_counter()
+            loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step(); sched.step()
             opt.zero_grad(set_to_none=True)
+            if clock is not None: clock.append(time.perf_counter() - t)
             loss_sum += loss.detach()
     return loss_sum.item() / total
 
-# %% ../nbs/93_bench.ipynb #25330437
+# %% ../nbs/93_bench.ipynb #45ba7d52
 def loop_fit(model, data:DataBundle, epochs:int, lr:float=4e-3, wd:float=0.05, warmup_pct:float=0.1,
-             out_dir=None, **kwargs):
+             out_dir=None, clock:list=None, **kwargs):
     "Train `model` with `TrainingLoop` and its default callbacks (checkpoints and CSV logs with `out_dir`), its output captured."
     from vit_nb.loop import TrainingLoop  # here, not at the top: the plain loop's process (see `peak_rss`) must not load it
+    cbs = kwargs.pop('cbs', []) + ([_compute_clock(clock)] if clock is not None else [])
     with redirect_stdout(io.StringIO()):
         loop = TrainingLoop(model, data, epochs=epochs, lr=lr, wd=wd, sched='cosine', warmup_pct=warmup_pct, device='cpu',
-                            out_dir=out_dir, **kwargs)
+                            out_dir=out_dir, cbs=cbs, **kwargs)
         loop.fit()
     return loop
+
+def _compute_clock(clock:list):
+    "A callback appending to `clock` the seconds from the start of each forward pass to the end of its optimizer step."
+    from vit_nb.loop import Callback  # imported here, see `loop_fit`
+    class ComputeClock(Callback):
+        order = 1000  # before_batch: the last handler before the forward pass; after_step: right after the step
+        def before_batch(self, loop): self.t = time.perf_counter()
+        def after_step(self, loop): clock.append(time.perf_counter() - self.t)
+    return ComputeClock()
 
 def _imgs(data:DataBundle, epochs:int)->int: return epochs * len(data.train.x)
 
 def _time(f)->float:
     t = time.perf_counter(); f(); return time.perf_counter() - t
 
+def _times(f)->tuple:
+    "Wall seconds and CPU seconds (all threads of this process) of `f()`."
+    t, c = time.perf_counter(), time.process_time()
+    f()
+    return time.perf_counter() - t, time.process_time() - c
+
 def throughput(data:DataBundle,    # data with an in-memory training loader, and valid=None (nobody validates)
                model_cfg:ViTConfig, # the model both loops train
                epochs:int=3,        # epochs per variant and round
                rounds:int=5,        # rounds of both variants, alternating which goes first
-               lr:float=4e-3)->pd.DataFrame: # one row per round: images/s of each, and the ratio vit_nb / plain
+               lr:float=4e-3)->pd.DataFrame: # one row per round: images/s of each, their ratio, and the ratio of CPU time
     "Training images/s of the plain loop and of `TrainingLoop` (default callbacks, out_dir set), alternated round by round."
     out = Path(tempfile.mkdtemp(prefix='vit_nb_bench_'))
-    variants = dict(plain=lambda m, e: plain_fit(m, data, e, lr=lr),
-                    vit_nb=lambda m, e: loop_fit(m, data, e, lr=lr, out_dir=out))
+    variants = dict(plain=lambda m, e, c: plain_fit(m, data, e, lr=lr, clock=c),
+                    vit_nb=lambda m, e, c: loop_fit(m, data, e, lr=lr, out_dir=out, clock=c))
     def run(k, e):
         torch.manual_seed(0)
-        model = ViT(model_cfg)
-        return _imgs(data, e) / _time(lambda: variants[k](model, e))
+        model, clock = ViT(model_cfg), []
+        wall, cpu = _times(lambda: variants[k](model, e, clock))
+        return wall, cpu, 1 - sum(clock) / wall  # the share of the wall time spent outside forward-to-optimizer-step
     try:
         for k in variants: run(k, 1)  # warm-up, not timed
         rows = []
         for r in range(rounds):
-            ips = {k: run(k, epochs) for k in (list(variants) if r % 2 == 0 else list(variants)[::-1])}
-            rows.append(dict(round=r, plain_imgs_s=ips['plain'], vit_nb_imgs_s=ips['vit_nb'], ratio=ips['vit_nb'] / ips['plain']))
+            t = {k: run(k, epochs) for k in (list(variants) if r % 2 == 0 else list(variants)[::-1])}
+            n = _imgs(data, epochs)
+            rows.append(dict(round=r, plain_imgs_s=n / t['plain'][0], vit_nb_imgs_s=n / t['vit_nb'][0],
+                             ratio=t['plain'][0] / t['vit_nb'][0], cpu_ratio=t['plain'][1] / t['vit_nb'][1],
+                             plain_outside=t['plain'][2], vit_nb_outside=t['vit_nb'][2]))
     finally: shutil.rmtree(out, ignore_errors=True)
     return pd.DataFrame(rows)
 
 def summarize(df:pd.DataFrame)->dict:
-    "Medians of a `throughput` table (the ratio is the median of the per-round ratios), with the range of the ratio."
+    "Medians of a `throughput` table (the ratios are medians of the per-round ratios), with the range of the ratio."
     return dict(plain_imgs_s=df.plain_imgs_s.median(), vit_nb_imgs_s=df.vit_nb_imgs_s.median(), ratio=df.ratio.median(),
-                ratio_min=df.ratio.min(), ratio_max=df.ratio.max(), rounds=len(df))
+                ratio_min=df.ratio.min(), ratio_max=df.ratio.max(), cpu_ratio=df.cpu_ratio.median(),
+                plain_outside=df.plain_outside.median(), vit_nb_outside=df.vit_nb_outside.median(), rounds=len(df))
 
-# %% ../nbs/93_bench.ipynb #50ae30e1
+# %% ../nbs/93_bench.ipynb #d5b19a29
 def _maxrss_mb()->float:
     "Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -107,7 +132,7 @@ def _child(spec:dict):
     if spec.get('n'): data = replace(data, train=TensorLoader(data.train.x[:spec['n']], data.train.y[:spec['n']], spec['bs'], shuffle=True))
     base = _maxrss_mb()
     torch.manual_seed(0)
-    model = ViT(vit_config(spec['preset']))
+    model = ViT(vit_config(spec['preset'], img_size=data.img_size, in_chans=data.in_chans, n_classes=data.n_classes))
     if spec['variant'] == 'plain': plain_fit(model, data, spec['epochs'])
     else:
         out = tempfile.mkdtemp(prefix='vit_nb_bench_')
@@ -131,7 +156,7 @@ def peak_rss(variants=('plain', 'vit_nb'), # which loops to measure
     df['peak_vs_plain'] = df.peak_mb / df.peak_mb.iloc[0]
     return df
 
-# %% ../nbs/93_bench.ipynb #a71dc580
+# %% ../nbs/93_bench.ipynb #3fccea31
 def _loop_module():
     import vit_nb.loop  # the loop's module, imported where needed (see `loop_fit`)
     return vit_nb.loop
@@ -164,7 +189,7 @@ def time_to_accuracy(cfg,                     # a `TrainConfig` (or a dict of it
                imgs_s=statistics.median(e['imgs_per_s'] for e in loop.history.epochs))
     for g in targets:
         s, e = tta.hits.get(g, (float('nan'), None))
-        res[f's_to_{g:.0%}'], res[f'epoch_to_{g:.0%}'] = s, e
+        res[f's_to_{g * 100:g}%'], res[f'epoch_to_{g * 100:g}%'] = s, e
     return res
 
 # %% ../nbs/93_bench.ipynb #c750a90c
@@ -214,7 +239,7 @@ def precision_table(cfg=None,           # the recipe (a `TrainConfig`; default: 
             row['test_acc'] = loop.validate(loop.data.test, prefix='test')['test_acc']
     return pd.DataFrame(rows)
 
-# %% ../nbs/93_bench.ipynb #c00be027
+# %% ../nbs/93_bench.ipynb #e1b26c78
 SECTIONS = ('throughput', 'memory', 'accuracy', 'fashion', 'precision')
 
 def make_parser()->argparse.ArgumentParser:
@@ -223,11 +248,11 @@ def make_parser()->argparse.ArgumentParser:
                                 'loop (speed, memory), time to accuracy of the default recipe, precision/attention/compile choices.')
     p.add_argument('--quick', action='store_true', help='seconds instead of minutes: tiny rounds, for CI (figures not meaningful)')
     p.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS), help='what to run (default: all)')
-    p.add_argument('--rounds', type=int, help='alternating rounds of each comparison (default: 7; quick: 2)')
-    p.add_argument('--epochs', type=int, help='epochs per variant and round (default: 3; quick: 1)')
+    p.add_argument('--rounds', type=int, help='alternating rounds of each comparison (default: 9; quick: 2)')
+    p.add_argument('--epochs', type=int, help='epochs per variant and round (default: 5; quick: 1)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='seeds of the time-to-accuracy runs (default: 0 1 2; quick: 0)')
     p.add_argument('--config', nargs='*', default=[], metavar='FILE', help='more recipes (TrainConfig files) to time to accuracy')
-    p.add_argument('--fashion-n', type=int, help='Fashion-MNIST training images per epoch (default: 6400; quick: 640)')
+    p.add_argument('--fashion-n', type=int, help='Fashion-MNIST training images per epoch (default: 2560; quick: 640)')
     p.add_argument('--threads', type=int, help='torch threads (default: all available cores, see vit_nb.loop.set_threads)')
     p.add_argument('--json', metavar='FILE', help='also write the tables to this JSON file')
     return p
@@ -252,7 +277,7 @@ def run_bench(args)->dict:
     "Run the sections `args` asks for; print and return their tables ({name: DataFrame})."
     from vit_nb.config import TrainConfig
     q = args.quick
-    rounds, epochs = args.rounds or (2 if q else 7), args.epochs or (1 if q else 3)
+    rounds, epochs = args.rounds or (2 if q else 9), args.epochs or (1 if q else 5)
     seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
     threads = _loop_module().set_threads(args.threads)
     print(f"vit_nb_bench{' --quick' if q else ''}: torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}; "
@@ -285,9 +310,9 @@ def run_bench(args)->dict:
         try: fm = get_data('fashion_mnist', bs=64, augment=False)
         except FileNotFoundError as e: print(f"\n## Fashion-MNIST: skipped ({e})")
         else:
-            n = args.fashion_n or (640 if q else 6400)
+            n = args.fashion_n or (640 if q else 2560)
             fm = replace(fm, valid=None, train=TensorLoader(fm.train.x[:n], fm.train.y[:n], 64, shuffle=True))
-            df = throughput(fm, vit_config('mnist'), epochs=epochs, rounds=rounds)
+            df = throughput(fm, vit_config('mnist'), epochs=epochs, rounds=min(rounds, 5))
             tables['fashion'], tables['fashion_summary'] = df, pd.DataFrame([summarize(df)])
             _print(f'Throughput on Fashion-MNIST (VIT_MNIST, 28x28, bs 64, first {n} training images): images/s per round', df)
             _print('Fashion-MNIST summary (medians; ratio = vit_nb / plain)', tables['fashion_summary'])

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PROG', 'text_to_value', 'UsageError', 'make_parser', 'parse_config', 'config_argv', 'command', 'train_main', 'main']
 
-# %% ../nbs/90_cli.ipynb #e249c63c
+# %% ../nbs/90_cli.ipynb #ebf83014
 import argparse, os, shlex, signal, sys, threading
 import yaml
 from fastcore.docments import docments
@@ -14,6 +14,7 @@ from .config import CHOICES, LOSS_OPTIONS, TrainConfig, field_types, load_yaml
 from .model import PRESETS, ViTConfig
 from .loss import LossCalculator
 from .loop import set_threads
+from .distributed import is_main
 from .run import StopCallback, resume_config, train
 
 # %% ../nbs/90_cli.ipynb #8caacddf
@@ -140,7 +141,7 @@ def command(cfg:TrainConfig)->str:
     "The shell command that runs `cfg`."
     return shlex.join([PROG, *config_argv(cfg)])
 
-# %% ../nbs/90_cli.ipynb #5fc1b507
+# %% ../nbs/90_cli.ipynb #31975d46
 def _print_run(run, cfg):
     res = run.result
     if res is not None: print(f"test accuracy {res.accuracy:.4f}, loss {res.loss:.4f} ({res.n_samples} images)")
@@ -162,6 +163,7 @@ def train_main(argv=None)->int: # the command line (default: `sys.argv[1:]`)
     try: run = train(cfg, resume=ns.resume, cbs=[stop])
     finally:
         if in_main: signal.signal(signal.SIGINT, old)
+    if not is_main(): return 130 if run.stopped else 0  # under torchrun: rank 0 reports
     _print_run(run, cfg)
     if run.stopped:
         print(f"stopped at step {run.loop.step}; continue with: {PROG} --resume {shlex.quote(str(stop.path))}" if stop.path

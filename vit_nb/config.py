@@ -19,7 +19,7 @@ from .loss import LOSSES, LossCalculator
 from .optimizer import OPTIMIZERS, SCHEDULERS
 from .backprop import NONFINITE, PRECISIONS
 
-# %% ../nbs/05b_config.ipynb #c2e1df74
+# %% ../nbs/05b_config.ipynb #58d8a573
 _FROM_DATA = ('img_size', 'in_chans', 'n_classes')  # ViTConfig fields that the data decides
 LOSS_OPTIONS = ('weight', 'gamma', 'alpha', 'pos_weight', 'softmax', 'multi_label')  # `LossCalculator` options a config may set
 
@@ -43,7 +43,7 @@ class TrainConfig:
     sched:str|None='cosine'       # schedule name in `vit_nb.optimizer.SCHEDULERS` (None: constant)
     warmup_pct:float=0.1          # fraction of the optimizer steps spent warming up linearly, in [0, 1)
     epochs:int=100                # passes over the training set
-    precision:str='32'            # '32', 'bf16' or '16' (see `vit_nb.backprop.PRECISIONS`)
+    precision:str='32'            # '32', 'bf16', '16' or 'auto' (bf16 where the hardware computes in it; see `vit_nb.loop.auto_precision`)
     compile:bool=False            # compile the model with torch.compile (slower start, faster steps on GPU)
     clip_norm:float|None=None     # clip the total gradient norm to this (None: no clipping)
     accum_steps:int=1             # batches per optimizer step
@@ -104,9 +104,9 @@ def _known(name, what, v, known):
 def _range(name, v, ok, want):
     if v is not None and not ok(v): raise ValueError(f"TrainConfig.{name} must be {want}, got {v!r}")
 
-# %% ../nbs/05b_config.ipynb #7a4d63b1
+# %% ../nbs/05b_config.ipynb #5e76e5cc
 CHOICES = dict(data=('dataset', DATASETS), preset=('model preset', tuple(PRESETS)), opt=('optimizer', tuple(OPTIMIZERS)),
-               sched=('schedule', SCHEDULERS), loss=('loss', LOSSES), precision=('precision', tuple(dict.fromkeys(PRECISIONS.values()))),
+               sched=('schedule', SCHEDULERS), loss=('loss', LOSSES), precision=('precision', ('auto', *dict.fromkeys(PRECISIONS.values()))),
                nonfinite=('non-finite policy', NONFINITE))  # {field: (what it is, its known values)}
 MONITORS = ('valid_loss', 'valid_acc', 'train_loss')  # the epoch metrics of a run built from a config, for early stopping
 _POSITIVE_INTS = ('bs', 'epochs', 'accum_steps', 'keep_last', 'log_every', 'img_size', 'ckpt_every_steps', 'patience')

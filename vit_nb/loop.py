@@ -398,7 +398,7 @@ class TensorBoardLogger(Callback):
     def after_fit(self, loop):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/06_loop.ipynb #87a8ab09
+# %% ../nbs/06_loop.ipynb #e9ea9f12
 def _link_or_copy(src:Path, dst:Path):
     "Make `dst` the same file as `src`, atomically: a hard link where possible, else an fsync'ed copy."
     tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
@@ -410,15 +410,29 @@ def _link_or_copy(src:Path, dst:Path):
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
 
-def snapshot(obj):
-    "A copy of `obj` (nested dicts, lists, tuples) in which every tensor is copied to the CPU: safe to write while training goes on."
-    if isinstance(obj, torch.Tensor): return obj.detach().to('cpu', copy=True)
+def _map_tensors(obj, f):
+    "A copy of the nested dicts, lists and tuples `obj` with `f(t)` in place of every tensor `t`."
+    if isinstance(obj, torch.Tensor): return f(obj)
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the type and attributes, e.g. a state_dict's `_metadata`
-        for k, v in obj.items(): out[k] = snapshot(v)
+        for k, v in obj.items(): out[k] = _map_tensors(v, f)
         return out
-    if type(obj) in (list, tuple): return type(obj)(snapshot(v) for v in obj)
+    if type(obj) in (list, tuple): return type(obj)(_map_tensors(v, f) for v in obj)
     return obj
+
+def snapshot(obj,             # nested dicts, lists and tuples holding tensors, e.g. a `checkpoint_dict()`
+             pack:bool=True): # copy the dense tensors of each dtype into one buffer (one storage to save instead of hundreds)
+    "A copy of `obj` in which every tensor is copied to the CPU: safe to write while training goes on."
+    if not pack: return _map_tensors(obj, lambda t: t.detach().to('cpu', copy=True))
+    found = {}
+    _map_tensors(obj, lambda t: found.setdefault(id(t), t))
+    groups, views = {}, {}
+    for t in found.values():
+        if t.layout == torch.strided and not t.is_quantized: groups.setdefault((t.dtype, t.device), []).append(t)
+    for ts in groups.values():  # one copy (torch.cat) per dtype and device, then views of the result
+        flat = torch.cat([t.detach().reshape(-1) for t in ts]).to('cpu')
+        for t, v in zip(ts, flat.split([t.numel() for t in ts])): views[id(t)] = v.view(t.shape)
+    return _map_tensors(obj, lambda t: views[id(t)] if id(t) in views else t.detach().to('cpu', copy=True))
 
 class CheckpointCallback(Callback):
     "Save a checkpoint every epoch (and every `every_steps` optimizer steps) into `out_dir/folder`, keeping the last `keep_last`."
@@ -489,7 +503,7 @@ class CheckpointCallback(Callback):
             if ck is None: raise
             self._error = err  # raised by the next `wait()`
 
-# %% ../nbs/06_loop.ipynb #d7c905ef
+# %% ../nbs/06_loop.ipynb #698bd899
 def _accuracy(preds, targets):
     "Fraction of arg-max predictions equal to the targets (class indices, or the arg-max of target rows), as a tensor."
     if preds.ndim == 2 and preds.shape[-1] > 1: p = preds.argmax(-1)
@@ -557,7 +571,7 @@ def _check_data(model, data):
             raise ValueError(f"data.{split} has label {bad}, outside range(n_classes={data.n_classes}) "
                              f"({int(((y < 0) | (y >= data.n_classes)).sum())} of {len(y)} labels)")
 
-# %% ../nbs/06_loop.ipynb #26cdb094
+# %% ../nbs/06_loop.ipynb #1a84d347
 def pick_attention(model:nn.Module, # a model with vit_nb `Attention` modules (others are left alone)
                    precision='32',  # the training precision, see `vit_nb.backprop.PRECISIONS`
                    device='cpu')->str: # the device it trains on
@@ -591,7 +605,7 @@ def set_threads(n:int=None)->int: # threads (default: every core this process ma
     if n != torch.get_num_threads(): torch.set_num_threads(n)
     return n
 
-# %% ../nbs/06_loop.ipynb #feba94b7
+# %% ../nbs/06_loop.ipynb #18dc56b6
 class TrainingLoop:
     "Train `model` on `data`: `fit` / `one_epoch` / `one_batch` with callbacks at named events; checkpoints; exact resume."
     def __init__(self, model:nn.Module,        # the model to train, e.g. a `ViT`
@@ -681,7 +695,7 @@ class TrainingLoop:
         "Current learning rate of each parameter group."
         return [float(g['lr']) for g in getattr(self.opt, 'opt', self.opt).param_groups]
 
-# %% ../nbs/06_loop.ipynb #8505c9ed
+# %% ../nbs/06_loop.ipynb #990d6869
 @patch
 def add_cb(self:TrainingLoop, cb):
     "Add callback `cb` (an instance, or a class to instantiate); returns it."
@@ -727,7 +741,7 @@ def __call__(self:TrainingLoop, event:str):
     "Run every callback's handler of `event`, in order."
     for f in self._handlers[event]: f(self)
 
-# %% ../nbs/06_loop.ipynb #4be2bdc1
+# %% ../nbs/06_loop.ipynb #c9cedbf2
 @patch
 def fit(self:TrainingLoop, epochs:int=None, # epochs to train in all (default: the loop's `epochs`, or the checkpoint's)
         resume=None):                       # a checkpoint file to continue from, up to `epochs`
@@ -801,7 +815,7 @@ def one_batch(self:TrainingLoop, xb, yb):
     self._pos = (self.epoch, self.batch_idx + 1)
     self('after_batch')
 
-# %% ../nbs/06_loop.ipynb #a11e2619
+# %% ../nbs/06_loop.ipynb #8dd90933
 @patch
 def _predict(self:TrainingLoop, loader):
     "Predictions and targets of `loader`, concatenated on the device, in eval mode and without gradients."
@@ -850,7 +864,7 @@ def predict(self:TrainingLoop, loader=None): # a loader of (xb, yb) (default: `d
     finally: self.model.train(was)
     return preds.cpu(), targets.cpu()
 
-# %% ../nbs/06_loop.ipynb #69eecf78
+# %% ../nbs/06_loop.ipynb #33274c08
 @patch
 def checkpoint_dict(self:TrainingLoop)->dict:
     "Everything needed to continue this run exactly, as tensors and plain Python values."
@@ -905,7 +919,7 @@ def save_checkpoint(self:TrainingLoop, path)->Path:
     "Save `checkpoint_dict()` to `path` atomically; returns the path. Every rank of a multi-process run calls it; rank 0 writes."
     ck, err = self.checkpoint_dict(), None
     if is_main():
-        try: path = atomic_save(ck, path)
+        try: path = atomic_save(snapshot(ck), path)  # packed: one storage per dtype to serialize (see `snapshot`)
         except Exception as e: err = e
     errs = all_gather_object(None if err is None else f"{type(err).__name__}: {err}")  # and a barrier: the file is there
     if err is not None: raise err
@@ -958,7 +972,7 @@ def load_checkpoint(self:TrainingLoop, path, # a checkpoint written by `save_che
     self.last_checkpoint, self.last_checkpoint_step = Path(path), ck['step']
     return ck
 
-# %% ../nbs/06_loop.ipynb #617c90c0
+# %% ../nbs/06_loop.ipynb #630fc53e
 @patch(cls_method=True)
 def from_config(cls:TrainingLoop, cfg, # a `TrainConfig` (or a dict of its fields)
                 **kwargs): # more `TrainingLoop` arguments: cbs, metrics, progress, verbose, tensorboard, ...
@@ -985,7 +999,7 @@ def resume(cls:TrainingLoop, path, # a checkpoint of a loop built with `from_con
     loop.load_checkpoint(path)
     return loop
 
-# %% ../nbs/06_loop.ipynb #ec6d707c
+# %% ../nbs/06_loop.ipynb #18361ae3
 @patch
 def plot_history(self:TrainingLoop, path=None, # save the figure as a PNG here
                  smooth:int=None):            # moving-average window of the batch losses (default: about 1/20 of the run)
@@ -1010,7 +1024,7 @@ def plot_history(self:TrainingLoop, path=None, # save the figure as a PNG here
     plt.close(fig)
     return fig
 
-# %% ../nbs/06_loop.ipynb #63425c67
+# %% ../nbs/06_loop.ipynb #66729601
 def per_sample_losses(loss_calc, preds, targets):
     "The loss of each sample of `preds` against `targets` (shape (N,)), whatever the reduction of `loss_calc`."
     if isinstance(loss_calc, LossCalculator) and loss_calc.fn is None and 'reduction' in loss_calc.opts:

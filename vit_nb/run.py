@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['RESUMABLE', 'config_callbacks', 'check_device', 'build_loop', 'StopCallback', 'resume_config', 'RunResult', 'train']
 
-# %% ../nbs/08b_run.ipynb #6be0d402
+# %% ../nbs/08b_run.ipynb #185726ce
 import threading
 import torch
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +15,7 @@ from .config import TrainConfig
 from .loop import Callback, CancelFitException, CheckpointCallback, CheckpointError, TrainingLoop, read_checkpoint
 from .callbacks import EarlyStoppingCallback, EMACallback, MixUpCutMixCallback
 from .metrics import EvalResult
+from .distributed import is_main
 
 # %% ../nbs/08b_run.ipynb #a1427dc1
 def config_callbacks(cfg:TrainConfig)->list:
@@ -60,7 +61,7 @@ class StopCallback(Callback):
         self.path = ck.save(loop) if ck is not None and loop.out_dir is not None else None
         raise CancelFitException('stop requested')
 
-# %% ../nbs/08b_run.ipynb #74f0c502
+# %% ../nbs/08b_run.ipynb #f77eddc9
 RESUMABLE = ('out_dir', 'device', 'log_every', 'ckpt_every_steps', 'keep_last', 'tensorboard', 'num_workers', 'nonfinite')
 
 def resume_config(checkpoint, # a checkpoint of a loop built from a `TrainConfig`
@@ -113,7 +114,7 @@ def train(cfg=None,              # a `TrainConfig` (or dict); None with `resume`
     elif cfg is None: raise ValueError("train needs a config (cfg=) or a checkpoint to resume (resume=)")
     loop = build_loop(cfg, cbs, **kwargs)
     loop.fit(resume=resume)
-    out = loop.out_dir
+    out = loop.out_dir if is_main() else None  # under torchrun every rank evaluates (the same numbers); rank 0 writes the files
     if out is not None and loop.history.steps: plt.close(loop.plot_history(out/'history.png'))
     result = loop.evaluate(out_dir=out) if evaluate and loop.data.test is not None else None
     return RunResult(loop, result, _run_files(out) if out is not None else {})
