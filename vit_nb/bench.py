@@ -119,18 +119,35 @@ def summarize(df:pd.DataFrame)->dict:
                 ratio_min=df.ratio.min(), ratio_max=df.ratio.max(), cpu_ratio=df.cpu_ratio.median(),
                 plain_outside=df.plain_outside.median(), vit_nb_outside=df.vit_nb_outside.median(), rounds=len(df))
 
-# %% ../nbs/93_bench.ipynb #d5b19a29
+# %% ../nbs/93_bench.ipynb #31174dd4
 def _maxrss_mb()->float:
     "Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if platform.system() == 'Darwin' else r / 2**10
+
+def _status_mb(key:str)->float:
+    "The `key` line (e.g. 'VmRSS', 'VmHWM') of /proc/self/status in MiB; None where there is none (not Linux)."
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key + ':'): return int(line.split()[1]) / 2**10
+    except OSError: pass
+    return None
+
+def _reset_peak()->bool:
+    "Reset the high-water mark of this process's resident set (Linux: 5 into /proc/self/clear_refs); True if it was reset."
+    try:
+        with open('/proc/self/clear_refs', 'w') as f: f.write('5')
+    except OSError: return False
+    return _status_mb('VmHWM') is not None
 
 def _child(spec:dict):
     "Run one variant as `peak_rss` asks, in this (fresh) process, and print its memory figures as JSON."
     torch.set_num_threads(spec['threads'])
     data = replace(get_data(spec['data'], bs=spec['bs'], augment=False), valid=None)
     if spec.get('n'): data = replace(data, train=TensorLoader(data.train.x[:spec['n']], data.train.y[:spec['n']], spec['bs'], shuffle=True))
-    base = _maxrss_mb()
+    reset = _reset_peak()
+    base = _status_mb('VmRSS') if reset else _maxrss_mb()
     torch.manual_seed(0)
     model = ViT(vit_config(spec['preset'], img_size=data.img_size, in_chans=data.in_chans, n_classes=data.n_classes))
     if spec['variant'] == 'plain': plain_fit(model, data, spec['epochs'])
@@ -138,7 +155,7 @@ def _child(spec:dict):
         out = tempfile.mkdtemp(prefix='vit_nb_bench_')
         try: loop_fit(model, data, spec['epochs'], out_dir=out)
         finally: shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps(dict(variant=spec['variant'], base_mb=base, peak_mb=_maxrss_mb())))
+    print(json.dumps(dict(variant=spec['variant'], base_mb=base, peak_mb=_status_mb('VmHWM') if reset else _maxrss_mb())))
 
 def peak_rss(variants=('plain', 'vit_nb'), # which loops to measure
              data:str='digits', preset:str='digits', bs:int=64, epochs:int=3, n:int=None, # the run (n: the first n training images)
@@ -239,7 +256,7 @@ def precision_table(cfg=None,           # the recipe (a `TrainConfig`; default: 
             row['test_acc'] = loop.validate(loop.data.test, prefix='test')['test_acc']
     return pd.DataFrame(rows)
 
-# %% ../nbs/93_bench.ipynb #e1b26c78
+# %% ../nbs/93_bench.ipynb #3eedcfeb
 SECTIONS = ('throughput', 'memory', 'accuracy', 'fashion', 'precision')
 
 def make_parser()->argparse.ArgumentParser:
@@ -293,7 +310,7 @@ def run_bench(args)->dict:
     if 'memory' in args.sections:
         tables['memory'] = peak_rss(epochs=epochs, threads=threads)
         _print('Peak resident memory (MiB), each variant in its own process', tables['memory'],
-               'base: after imports and data; peak: after training; train: peak - base')
+               'base: resident after imports and data; peak: high-water mark of the training run; train: peak - base')
     if 'accuracy' in args.sections:
         recipes = [('defaults', TrainConfig(device='cpu', **(dict(epochs=3) if q else {})))]
         recipes += [(Path(f).name, replace(TrainConfig.load(f), device='cpu', **(dict(epochs=3) if q else {}))) for f in args.config]

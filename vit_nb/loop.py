@@ -86,7 +86,7 @@ class History:
     def __repr__(self): return f"History({len(self.epochs)} epochs, {len(self.steps)} batches)\n{self.epochs_df}"
     def _repr_html_(self): return self.epochs_df._repr_html_()
 
-# %% ../nbs/06_loop.ipynb #aba33dc5
+# %% ../nbs/06_loop.ipynb #32cb30d5
 def set_seed(seed:int):
     "Seed Python's, NumPy's and torch's random number generators."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -106,8 +106,8 @@ def set_rng_state(sd:dict):
     random.setstate((v, tuple(st), gauss))
     n = sd['numpy']
     np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
-    torch.set_rng_state(sd['torch'])
-    if 'cuda' in sd and torch.cuda.is_available(): torch.cuda.set_rng_state_all(sd['cuda'])
+    torch.set_rng_state(sd['torch'].clone())  # a copy that owns its storage (a view into a larger one crashes torch)
+    if 'cuda' in sd and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.clone() for t in sd['cuda']])
 
 # %% ../nbs/06_loop.ipynb #85f07290
 SCHEMA_VERSION = 1                 # version of the checkpoint layout this release writes and reads
@@ -398,7 +398,7 @@ class TensorBoardLogger(Callback):
     def after_fit(self, loop):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/06_loop.ipynb #e9ea9f12
+# %% ../nbs/06_loop.ipynb #5f4d8b91
 def _link_or_copy(src:Path, dst:Path):
     "Make `dst` the same file as `src`, atomically: a hard link where possible, else an fsync'ed copy."
     tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
@@ -428,7 +428,8 @@ def snapshot(obj,             # nested dicts, lists and tuples holding tensors, 
     _map_tensors(obj, lambda t: found.setdefault(id(t), t))
     groups, views = {}, {}
     for t in found.values():
-        if t.layout == torch.strided and not t.is_quantized: groups.setdefault((t.dtype, t.device), []).append(t)
+        if t.layout == torch.strided and not t.is_quantized and t.dtype != torch.uint8:  # uint8: RNG states, kept whole (see below)
+            groups.setdefault((t.dtype, t.device), []).append(t)
     for ts in groups.values():  # one copy (torch.cat) per dtype and device, then views of the result
         flat = torch.cat([t.detach().reshape(-1) for t in ts]).to('cpu')
         for t, v in zip(ts, flat.split([t.numel() for t in ts])): views[id(t)] = v.view(t.shape)
@@ -864,7 +865,7 @@ def predict(self:TrainingLoop, loader=None): # a loader of (xb, yb) (default: `d
     finally: self.model.train(was)
     return preds.cpu(), targets.cpu()
 
-# %% ../nbs/06_loop.ipynb #33274c08
+# %% ../nbs/06_loop.ipynb #fa3fc4cf
 @patch
 def checkpoint_dict(self:TrainingLoop)->dict:
     "Everything needed to continue this run exactly, as tensors and plain Python values."
@@ -912,7 +913,7 @@ def _get_rng(self:TrainingLoop)->dict:
 def _set_rng(self:TrainingLoop, sd:dict):
     set_rng_state(sd)
     for k, g in self._data_generators().items():
-        if k in sd.get('data', {}): g.set_state(sd['data'][k])
+        if k in sd.get('data', {}): g.set_state(sd['data'][k].clone())
 
 @patch
 def save_checkpoint(self:TrainingLoop, path)->Path:
