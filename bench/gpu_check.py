@@ -5,7 +5,10 @@ training data -- 'pageable' (batches sliced from CPU tensors: the `non_blocking`
 'pinned' (each batch page-locked first, so the copy is asynchronous) and 'gpu' (the whole data set on the GPU, batches
 gathered there) -- the plain loop and `TrainingLoop` (default callbacks, out_dir set) train the same model for the
 same epochs, alternating round by round. With --compile, compiled variants of both are added (`model.compile()`;
-the first, compiling round is not counted). Prints images/s (median over rounds) and the median per-round ratio.
+the first, compiling round is not counted). Prints images/s (median over rounds), the median per-round ratio, and
+the share of the GPU's peak that vit_nb's images/s amount to: training FLOPs per image (forward and backward, counted
+by `torch.utils.flop_counter.FlopCounterMode`) times images/s, over the peak of a large matrix product in the same
+precision measured on this GPU (a peak the small digits/MNIST ViTs cannot approach: the share says how far off it is).
 
     python bench/gpu_check.py                       # Fashion-MNIST if installed (else digits), 3 rounds x 2 epochs
     python bench/gpu_check.py --data digits --compile --rounds 5
@@ -60,6 +63,21 @@ def loop_fit(model, data, epochs, precision, out_dir, lr=4e-3, wd=0.05):
         TrainingLoop(model, data, epochs=epochs, lr=lr, wd=wd, sched='cosine', warmup_pct=0.1, precision=precision,
                      device='cuda', out_dir=out_dir).fit()
 
+def train_flops_per_image(model, xb, yb)->float:
+    "FLOPs of one training step (forward and backward) per image, as `FlopCounterMode` counts them (matrix products, attention)."
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(model(xb), yb).backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / len(xb)
+
+def peak_matmul_flops(dtype=None, n:int=8192, reps:int=20)->float:
+    "FLOP/s of an n x n matrix product on the GPU in `dtype` (None: float32, TF32 as torch is set): the practical peak."
+    a = torch.randn(n, n, device='cuda', dtype=dtype or torch.float32); b = torch.randn_like(a)
+    for _ in range(3): a @ b
+    s = timed(lambda: [a @ b for _ in range(reps)])
+    return 2 * n ** 3 * reps / s
+
 def timed(f):
     torch.cuda.synchronize(); t = time.perf_counter()
     f()
@@ -106,11 +124,16 @@ def main(argv=None):
             for k in (('plain', 'vit_nb') if r % 2 == 0 else ('vit_nb', 'plain')):
                 s = timed(runs[k])
                 if r: ips[v, k].append(n_imgs / s)
-    print(f"{'data':>9} {'precision':>9} {'compile':>7} {'plain img/s':>12} {'vit_nb img/s':>13} {'ratio':>6}")
+    torch.manual_seed(0)
+    fpi = train_flops_per_image(ViT(vit_config(preset)).cuda(), x[:a.bs].cuda(), y[:a.bs].cuda())
+    peaks = {pr: peak_matmul_flops(DTYPES[pr]) for pr in precisions}
+    print(f"training FLOPs per image {fpi / 1e6:.1f} M; matmul peak " + ", ".join(f"{pr}: {f / 1e12:.0f} TFLOP/s" for pr, f in peaks.items()))
+    print(f"{'data':>9} {'precision':>9} {'compile':>7} {'plain img/s':>12} {'vit_nb img/s':>13} {'ratio':>6} {'of peak':>8}")
     for v in variants:
         pl, pr, c = v
         a_, b_ = ips[v, 'plain'], ips[v, 'vit_nb']
         ratio = statistics.median(y_ / x_ for x_, y_ in zip(a_, b_))
-        print(f"{pl:>9} {pr:>9} {str(c):>7} {statistics.median(a_):12.0f} {statistics.median(b_):13.0f} {ratio:6.2f}", flush=True)
+        share = statistics.median(b_) * fpi / peaks[pr]
+        print(f"{pl:>9} {pr:>9} {str(c):>7} {statistics.median(a_):12.0f} {statistics.median(b_):13.0f} {ratio:6.2f} {share:8.2%}", flush=True)
 
 if __name__ == '__main__': main()

@@ -70,3 +70,19 @@ def test_long_recipe_file():
     "The long recipe of the README is a valid config file: shift augmentation, more epochs than the defaults."
     cfg = TrainConfig.load(ROOT/'configs'/'digits_long.yaml')
     assert cfg.data == 'digits' and cfg.augment and cfg.epochs > TrainConfig().epochs
+
+def test_gpu_check_flop_count():
+    "bench/gpu_check.py's FLOPs per training image: about 6 x parameters x tokens (2 forward, 4 backward) for a ViT."
+    sys.path.insert(0, str(ROOT/'bench'))
+    try: from gpu_check import train_flops_per_image
+    finally: sys.path.pop(0)
+    import torch
+    from vit_nb.model import ViT, vit_config
+    torch.manual_seed(0)
+    m = ViT(vit_config('digits'))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    tokens = (8 // m.cfg.patch_size) ** 2 + 1
+    dense = sum(p.numel() for n, p in m.named_parameters() if n.startswith('blocks') and p.ndim == 2)
+    f = train_flops_per_image(m, x, y)
+    assert 0.9 < f / (6 * dense * tokens) < 1.5, f
+    assert all(p.grad is None for p in m.parameters())  # it leaves no gradients behind
