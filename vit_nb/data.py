@@ -8,7 +8,7 @@ __all__ = ['DATASETS', 'FASHION_MNIST_ROOT', 'FASHION_CLASSES', 'IMG_EXTS', 'che
            'read_idx', 'write_idx', 'default_root', 'load_digits_tensors', 'load_idx_set', 'scan_folder', 'load_image',
            'ImageFileDataset', 'make_synthetic', 'DataBundle', 'get_data', 'show_batch']
 
-# %% ../nbs/01_data.ipynb #8fe23f1d
+# %% ../nbs/01_data.ipynb #941ff2f6
 from dataclasses import dataclass, field
 from pathlib import Path
 import copy, gzip, math, os
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
-from torchvision.transforms import v2
 import matplotlib.pyplot as plt
 
 # %% ../nbs/01_data.ipynb #16dd5e5f
@@ -393,7 +392,7 @@ class DataBundle:
         m,s = torch.tensor(self.mean, device=x.device), torch.tensor(self.std, device=x.device)
         return x * s[:,None,None] + m[:,None,None]
 
-# %% ../nbs/01_data.ipynb #19646b6b
+# %% ../nbs/01_data.ipynb #607e0be7
 _NATIVE = {'digits': (8, 1, 10), 'fashion_mnist': (28, 1, 10), 'mnist': (28, 1, 10),
            'torchvision_fashion_mnist': (28, 1, 10), 'cifar10': (32, 3, 10)}
 
@@ -436,6 +435,7 @@ def get_data(name:str='digits', # one of `DATASETS`
              max_mem_mb:float=1024, # imagefolder: the largest tensor held in memory by default
             ) -> DataBundle:
     "Load data set `name`, split, normalise and wrap it in loaders: a `DataBundle`."
+    from torchvision.transforms import v2  # imported here: torchvision takes a second to import, and only these paths need it
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     _check_bs(bs)
     if valid_bs is not None: _check_bs(valid_bs)
@@ -524,6 +524,7 @@ def _with_tfm(ds, tfm):
 def _torch_bundle(name, make_ds, y, splits, classes, img_size, in_chans, mean, std, base, aug, bs, valid_bs, seed,
                   tfm, drop_last, rank, world_size, num_workers=0, test_ds=None):
     "Serve a data set read item by item with `EpochLoader`s and torchvision v2 transforms."
+    from torchvision.transforms import v2  # imported here: torchvision takes a second to import, and only these paths need it
     tr,va,te = splits
     _check_fits(name, bs, len(tr), world_size)
     norm = v2.Normalize(list(mean), list(std))

@@ -7,7 +7,7 @@ __all__ = ['TASKS', 'NORMALIZE', 'to_numpy', 'prepare_preds', 'most_confused', '
            'plot_confusion_matrix', 'plot_per_class', 'top_losses', 'denormalize', 'plot_top_losses',
            'attention_rollout', 'attention_overlay', 'plot_attention', 'save_eval']
 
-# %% ../nbs/05a_metrics.ipynb #920afaa2
+# %% ../nbs/05a_metrics.ipynb #55466863
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,12 +17,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
-import seaborn as sns
 from sklearn.metrics import (accuracy_score, precision_recall_fscore_support, confusion_matrix,
                              multilabel_confusion_matrix, classification_report, top_k_accuracy_score, roc_auc_score)
 from .model import attention_maps, cls_attention
 
-# %% ../nbs/05a_metrics.ipynb #58e291d7
+# %% ../nbs/05a_metrics.ipynb #17cd79dd
 TASKS = ('auto', 'multiclass', 'binary', 'multilabel')
 
 def to_numpy(x, dtype=None):
@@ -91,7 +90,7 @@ def prepare_preds(preds,             # logits (or probabilities): (N, C), (N,) o
     prob = _softmax(p) if logits else p
     return task, _labels(t, p.shape[1], task), p.argmax(1), prob, p
 
-# %% ../nbs/05a_metrics.ipynb #5fd5ee50
+# %% ../nbs/05a_metrics.ipynb #cf87ec0c
 def _cm_names(cm, class_names):
     "Confusion matrix and class names from a matrix or an `EvalResult`."
     if hasattr(cm, 'confusion'): class_names, cm = class_names or cm.class_names, cm.confusion  # an `EvalResult`
@@ -110,7 +109,7 @@ def most_confused(cm,               # (C, C) confusion matrix (rows actual), or 
     res = [(names[i], names[j], int(cm[i, j])) for i, j in zip(*np.where(cm >= min_val)) if i != j]
     return sorted(res, key=lambda o: o[2], reverse=True)
 
-# %% ../nbs/05a_metrics.ipynb #ac166ee2
+# %% ../nbs/05a_metrics.ipynb #45a33571
 @dataclass(repr=False)
 class EvalResult:
     "Every metric of one evaluation of a classifier, with the labels and probabilities it came from."
@@ -173,7 +172,7 @@ class EvalResult:
 
     def __repr__(self): return self.summary()
 
-# %% ../nbs/05a_metrics.ipynb #6d419550
+# %% ../nbs/05a_metrics.ipynb #ccb41728
 def compute_metrics(preds,                  # logits: (N, C), or (N,) / (N, 1) / (N, 2) for binary; a list of batches is concatenated
                     targets,                # int labels (N,), soft/one-hot rows (N, C), or 0/1 rows (N, C) for 'multilabel'
                     class_names=None,       # one name per class (default '0', '1', ...)
@@ -215,14 +214,14 @@ def compute_metrics(preds,                  # logits: (N, C), or (N,) / (N, 1) /
                       report=rep(False), report_dict=rep(True), roc_auc=roc,
                       y_true=y_true, y_pred=y_pred, probs=probs, losses=losses)
 
-# %% ../nbs/05a_metrics.ipynb #5c408b28
+# %% ../nbs/05a_metrics.ipynb #9fcd943f
 def _save(fig, fname):
     if fname is not None:
         Path(fname).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(fname, dpi=fig.dpi, format='png')
     return fig
 
-# %% ../nbs/05a_metrics.ipynb #c630f324
+# %% ../nbs/05a_metrics.ipynb #7d4551e2
 NORMALIZE = (False, 'true', 'pred', 'all')
 
 def plot_confusion_matrix(cm,                 # (C, C) confusion matrix (rows actual), or an `EvalResult`
@@ -234,6 +233,7 @@ def plot_confusion_matrix(cm,                 # (C, C) confusion matrix (rows ac
                           annot:bool|None=None, # write the values in the cells (default: up to 20 classes)
                           title:str|None=None):
     "Heat map of a confusion matrix with class names; a (C, 2, 2) multi-label one is drawn label by label."
+    import seaborn as sns  # imported here: seaborn (and scipy) take a second to import, and only the plots need it
     cm, names = _cm_names(cm, class_names)
     if normalize not in NORMALIZE: raise ValueError(f"unknown normalize {normalize!r}; known: {NORMALIZE}")
     if cm.ndim == 3:                                      # multi-label: one 2x2 panel per label
@@ -261,12 +261,13 @@ def plot_confusion_matrix(cm,                 # (C, C) confusion matrix (rows ac
     fig.tight_layout()
     return _save(fig, fname)
 
-# %% ../nbs/05a_metrics.ipynb #7cc7f13a
+# %% ../nbs/05a_metrics.ipynb #1ce7f36c
 def plot_per_class(result:EvalResult,       # the output of `compute_metrics`
                    metrics=('precision', 'recall'), # columns of `result.per_class` to draw
                    fname=None,              # save the figure as a PNG here
                    figsize=None):
     "Bar chart of per-class precision and recall (or other `metrics`) of an `EvalResult`."
+    import seaborn as sns  # imported here: seaborn (and scipy) take a second to import, and only the plots need it
     bad = [m for m in metrics if m not in result.per_class.columns]
     if bad: raise ValueError(f"unknown metric(s) {bad}; known: {list(result.per_class.columns)}")
     df = result.per_class[list(metrics)].reset_index().melt(id_vars='class', var_name='metric', value_name='value')
@@ -277,7 +278,7 @@ def plot_per_class(result:EvalResult,       # the output of `compute_metrics`
     fig.tight_layout()
     return _save(fig, fname)
 
-# %% ../nbs/05a_metrics.ipynb #525c508e
+# %% ../nbs/05a_metrics.ipynb #0d7cc9d2
 def top_losses(losses, k:int=9):   # per-sample losses (N,); how many to keep
     "The `k` largest losses and their indices, largest first."
     losses = torch.as_tensor(to_numpy(losses, np.float64))
@@ -334,7 +335,7 @@ def plot_top_losses(images,           # (N, C, H, W) images, as the model saw th
     fig.tight_layout()
     return _save(fig, fname)
 
-# %% ../nbs/05a_metrics.ipynb #10ba6e36
+# %% ../nbs/05a_metrics.ipynb #26c0bfe1
 def _unwrap(model): return getattr(getattr(model, '_orig_mod', model), 'module', model)  # torch.compile / DDP
 
 @torch.no_grad()
@@ -397,7 +398,7 @@ def plot_attention(model,                 # a `ViT`
     fig.tight_layout()
     return _save(fig, fname)
 
-# %% ../nbs/05a_metrics.ipynb #546ea18e
+# %% ../nbs/05a_metrics.ipynb #ce1241d2
 def save_eval(result:EvalResult, # the output of `compute_metrics`
               out_dir,           # folder to write into (created if needed)
               prefix:str=''):    # prepended to each file name, e.g. 'test_'
