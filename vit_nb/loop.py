@@ -323,13 +323,19 @@ class ProgressCallback(Callback):
         if self.mb is not None: self.mb.on_iter_end()
         self.mb = self.pb = None
 
-# %% ../nbs/06_loop.ipynb #b7b2d432
+# %% ../nbs/06_loop.ipynb #61f5e4c8
 _STEP_COLS = ['epoch', 'batch', 'iter', 'step', 'lr', 'loss', 'grad_norm']
 
 def _cell(v)->str:
     "A value as pandas' `to_csv` writes it: '' for None and NaN, `repr` for numbers."
     if v is None or (isinstance(v, float) and math.isnan(v)): return ''
     return repr(v) if isinstance(v, (int, float)) else str(v)
+
+@contextmanager
+def _writing(path):
+    "Re-raise an `OSError` raised while writing `path` as one of the same errno whose message names the file."
+    try: yield
+    except OSError as e: raise _os_error(e, f"cannot write {path}: {e.strerror or e}") from e
 
 class CSVLogger(Callback):
     "Write `history.csv` (per epoch) and `steps.csv` (per batch, appended at each read-back) into `loop.out_dir`."
@@ -340,13 +346,13 @@ class CSVLogger(Callback):
         if loop.out_dir is None: raise ValueError("CSVLogger needs the loop's out_dir")
         loop.out_dir.mkdir(parents=True, exist_ok=True)
         self._cols = None; self._write_epochs(loop)
-        with open(loop.out_dir/self.steps_fname, 'w') as f: f.write(','.join(_STEP_COLS) + '\n')
+        with _writing(loop.out_dir/self.steps_fname), open(loop.out_dir/self.steps_fname, 'w') as f: f.write(','.join(_STEP_COLS) + '\n')
         self._seen = 0; self._append_steps(loop)
 
     def _append_steps(self, loop):
         new = loop.history.steps[self._seen:]
         if not new: return
-        with open(loop.out_dir/self.steps_fname, 'a') as f:
+        with _writing(loop.out_dir/self.steps_fname), open(loop.out_dir/self.steps_fname, 'a') as f:
             for r in new: f.write(','.join('' if r.get(k) is None else repr(r[k]) for k in _STEP_COLS) + '\n')
         self._seen = len(loop.history.steps)
 
@@ -355,10 +361,11 @@ class CSVLogger(Callback):
         eps = loop.history.epochs
         if not eps: return
         cols = list(dict.fromkeys(k for r in eps for k in r))
-        if cols != getattr(self, '_cols', None) or len(eps) != self._rows + 1:
-            loop.history.epochs_df.to_csv(loop.out_dir/self.fname, index=False)
-        else:
-            with open(loop.out_dir/self.fname, 'a') as f: f.write(','.join(_cell(eps[-1].get(k)) for k in cols) + '\n')
+        with _writing(loop.out_dir/self.fname):
+            if cols != getattr(self, '_cols', None) or len(eps) != self._rows + 1:
+                loop.history.epochs_df.to_csv(loop.out_dir/self.fname, index=False)
+            else:
+                with open(loop.out_dir/self.fname, 'a') as f: f.write(','.join(_cell(eps[-1].get(k)) for k in cols) + '\n')
         self._cols, self._rows = cols, len(eps)
 
     def after_batch(self, loop): self._append_steps(loop)
